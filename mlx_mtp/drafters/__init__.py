@@ -1,0 +1,4 @@
+from .base import Drafter
+from .mtp import MTPDrafter
+
+__all__ = ["Drafter", "MTPDrafter"]

@@ -1,0 +1,224 @@
+"""Python API: load, stream_generate, generate."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load_tokenizer
+
+from .drafters import Drafter, MTPDrafter
+from .engine import Stats, decode
+from .loading import load_target, resolve_model_path
+from .sampling import SamplingParams
+
+
+class DrafterUnavailableError(ValueError):
+    pass
+
+
+@dataclass
+class SpeculativeModel:
+    """A target model plus its drafter (None: plain decoding)."""
+
+    target: nn.Module
+    drafter: Optional[Drafter]
+    config: Dict[str, Any] = field(default_factory=dict)
+    path: Optional[Path] = None
+    # Why drafting is off, when it is.
+    drafter_note: Optional[str] = None
+
+    @property
+    def default_num_draft(self) -> int:
+        return self.drafter.default_num_draft if self.drafter else 0
+
+
+def make_drafter(target: nn.Module, drafter: str = "auto") -> tuple[Optional[Drafter], Optional[str]]:
+    """Pick the drafter for `target`. Returns (drafter, note)."""
+    if drafter == "none":
+        return None, "drafting disabled (--drafter none)"
+    if drafter not in ("auto", "mtp"):
+        raise DrafterUnavailableError(
+            f"unknown drafter {drafter!r}: use auto, none or mtp"
+        )
+    if getattr(target, "has_mtp", False):
+        return MTPDrafter(target), None
+    problem = getattr(target, "mtp_problem", None) or "the model has no MTP head"
+    if drafter == "mtp":
+        raise DrafterUnavailableError(f"cannot draft with the MTP head: {problem}. Use --drafter none for plain decoding.")
+    warnings.warn(f"{problem}; falling back to plain decoding", stacklevel=2)
+    return None, f"{problem}; plain decoding"
+
+
+def load(
+    path_or_repo: Union[str, Path],
+    drafter: str = "auto",
+    *,
+    lazy: bool = False,
+    revision: Optional[str] = None,
+) -> tuple[SpeculativeModel, TokenizerWrapper]:
+    """Load a target and its drafter from a local directory or a HF repo id.
+
+    drafter: "auto" (use the MTP head when there is one, else plain decoding
+    with a warning), "mtp" (require it), or "none".
+    """
+    path = resolve_model_path(str(path_or_repo), revision=revision)
+    target, config = load_target(path, lazy=lazy)
+    chosen, note = make_drafter(target, drafter)
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    return SpeculativeModel(target, chosen, config, path, note), tokenizer
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed piece: the text and tokens one cycle produced."""
+
+    text: str
+    tokens: List[int]
+    from_draft: List[bool]
+    drafted: List[int]
+    accepted: int
+    stats: Stats
+    finish_reason: Optional[str] = None
+
+
+def build_prompt(
+    tokenizer: TokenizerWrapper,
+    prompt: Union[str, Sequence[int]],
+    *,
+    system: Optional[str] = None,
+    chat_template: bool = True,
+    enable_thinking: Optional[bool] = None,
+) -> List[int]:
+    if not isinstance(prompt, str):
+        return [int(t) for t in prompt]
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **extra
+        )
+        # The template already carries any BOS token.
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    if system:
+        prompt = f"{system}\n\n{prompt}"
+    return list(tokenizer.encode(prompt))
+
+
+class _StopMatcher:
+    """Finds stop strings in streamed text and holds back text that might be
+    the start of one, so nothing past a stop is ever emitted."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        self.pending += text
+        for s in self.stops:
+            i = self.pending.find(s)
+            if i >= 0:
+                out, self.pending = self.pending[:i], ""
+                return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_generate(
+    model: SpeculativeModel,
+    tokenizer: TokenizerWrapper,
+    prompt: Union[str, Sequence[int]],
+    *,
+    num_draft: Optional[int] = None,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: Optional[int] = None,
+    system: Optional[str] = None,
+    chat_template: bool = True,
+    enable_thinking: Optional[bool] = None,
+    stop: Sequence[str] = (),
+    max_context: Optional[int] = None,
+) -> Iterator[GenerationResponse]:
+    """Generate and yield one `GenerationResponse` per target pass.
+
+    `prompt` is text (the chat template is applied unless chat_template=False)
+    or a list of token ids used as is."""
+    params = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    prompt_tokens = build_prompt(
+        tokenizer, prompt, system=system, chat_template=chat_template, enable_thinking=enable_thinking
+    )
+    if num_draft is None:
+        num_draft = model.default_num_draft
+    stats = Stats()
+    detok = tokenizer.detokenizer
+    detok.reset()
+    stopper = _StopMatcher(stop)
+    cycles = decode(
+        model.target,
+        prompt_tokens,
+        drafter=model.drafter,
+        num_draft=num_draft,
+        params=params,
+        max_tokens=max_tokens,
+        eos_token_ids=tokenizer.eos_token_ids,
+        seed=seed,
+        max_context=max_context,
+        stats=stats,
+    )
+    finalized = False
+    for cycle in cycles:
+        text, kept, stopped = "", [], False
+        for token in cycle.tokens:
+            kept.append(token)
+            detok.add_token(token)
+            piece, stopped = stopper.feed(detok.last_segment)
+            text += piece
+            if stopped:
+                break
+        if stopped:
+            stats.generated_tokens -= len(cycle.tokens) - len(kept)
+            stats.finish_reason = "stop"
+        elif stats.finish_reason is not None:
+            detok.finalize()
+            text += stopper.feed(detok.last_segment)[0] + stopper.flush()
+            finalized = True
+        yield GenerationResponse(
+            text, kept, cycle.from_draft[: len(kept)], cycle.drafted, cycle.accepted, stats, stats.finish_reason
+        )
+        if stopped:
+            cycles.close()
+            return
+    if not finalized:  # ended without a final cycle (context full)
+        detok.finalize()
+        text = stopper.feed(detok.last_segment)[0] + stopper.flush()
+        yield GenerationResponse(text, [], [], [], 0, stats, stats.finish_reason)
+
+
+def generate(
+    model: SpeculativeModel,
+    tokenizer: TokenizerWrapper,
+    prompt: Union[str, Sequence[int]],
+    **options: Any,
+) -> str:
+    """Generate and return the whole text. Options as for `stream_generate`."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **options))

@@ -1,0 +1,65 @@
+"""Load safetensors checkpoints (raw HF or mlx-lm layout) keeping MTP heads.
+
+mlx-lm does the heavy lifting (config parsing, per-layer quantization,
+strict weight loading); we only swap in model classes that keep `mtp.*`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import mlx.nn as nn
+from mlx_lm.utils import load_model
+
+from ..models import qwen3_5
+
+# model_type -> our class. `*_text` are text-only configs (no text_config nesting).
+MODEL_CLASSES = {
+    "qwen3_5": qwen3_5.Model,
+    "qwen3_5_text": qwen3_5.Model,
+    "qwen3_5_moe": qwen3_5.MoeModel,
+    "qwen3_5_moe_text": qwen3_5.MoeModel,
+}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_config(path: Path) -> Dict[str, Any]:
+    try:
+        with open(path / "config.json") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+
+
+def _model_classes(config: Dict[str, Any]):
+    model_type = config.get("model_type")
+    if model_type not in MODEL_CLASSES:
+        raise CheckpointError(
+            f"model type {model_type!r} is not supported "
+            f"(supported: {', '.join(sorted(MODEL_CLASSES))})"
+        )
+    return MODEL_CLASSES[model_type], qwen3_5.ModelArgs
+
+
+def load_target(path: Path, lazy: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
+    config = read_config(path)
+    _model_classes(config)  # fail early with a clear message
+    shards = sorted(path.glob("model*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"no model*.safetensors files in {path}")
+    try:
+        model, config = load_model(path, lazy=lazy, get_model_classes=_model_classes)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        # strict loading: missing / unexpected / mis-shaped parameters
+        raise CheckpointError(f"{path}: weights do not match the config: {e}") from e
+    except RuntimeError as e:
+        # mx.load on a truncated or corrupt file
+        raise CheckpointError(f"{path}: cannot read the safetensors files (corrupt or truncated?): {e}") from e
+    return model, config

@@ -1,0 +1,171 @@
+"""Qwen3.5 / Qwen3.6 (dense and MoE) targets with their MTP head.
+
+The trunk is mlx-lm's own `qwen3_5` / `qwen3_5_moe` model. We add:
+- the `mtp.*` head that mlx-lm's `sanitize` throws away (drafters.md section 1),
+- Gated-DeltaNet layers that can roll back to any verified prefix,
+- `hidden` / `logits` so the engine gets post-norm hidden states.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import qwen3_5 as lm_qwen3_5
+from mlx_lm.models import qwen3_5_moe as lm_qwen3_5_moe
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+
+from .rollback import enable_recurrent_rollback, make_target_cache
+
+ModelArgs = lm_qwen3_5.ModelArgs
+
+# `mtp.` head keys as found in raw HF checkpoints and in repacks.
+_MTP_KEY = re.compile(r"^(?:model\.|language_model\.|language_model\.model\.|model\.language_model\.)?mtp\.(.+)$")
+
+
+class MTPHead(nn.Module):
+    """x = fc([norm_e(E[t+1]), norm_h(h_t)]); x = decoder layer(s) with an own
+    KV cache; g = norm(x). Logits come from the target's lm_head."""
+
+    def __init__(self, args: lm_qwen3_5.TextModelArgs, num_layers: int):
+        super().__init__()
+        H, eps = args.hidden_size, args.rms_norm_eps
+        self.pre_fc_norm_embedding = nn.RMSNorm(H, eps=eps)
+        self.pre_fc_norm_hidden = nn.RMSNorm(H, eps=eps)
+        self.fc = nn.Linear(2 * H, H, bias=False)
+        # A layer index whose type is full attention gives the gated-attention
+        # layer (dense MLP or MoE block as the trunk has).
+        full_idx = args.full_attention_interval - 1
+        self.layers = [lm_qwen3_5.DecoderLayer(args, full_idx) for _ in range(num_layers)]
+        self.norm = nn.RMSNorm(H, eps=eps)
+
+    def __call__(self, embeddings: mx.array, hidden: mx.array, cache: List[Any]) -> mx.array:
+        x = mx.concatenate(
+            [self.pre_fc_norm_embedding(embeddings), self.pre_fc_norm_hidden(hidden)], axis=-1
+        )
+        x = self.fc(x)
+        mask = create_attention_mask(x, cache[0])
+        for layer, c in zip(self.layers, cache):
+            x = layer(x, mask, c)
+        return self.norm(x)
+
+    def make_cache(self) -> List[Any]:
+        return [KVCache() for _ in self.layers]
+
+
+def _sanitize_mtp(weights: Dict[str, mx.array], raw_checkpoint: bool) -> Dict[str, mx.array]:
+    """Head weights without the `mtp.` prefix -> module layout."""
+    out: Dict[str, mx.array] = {}
+    experts: Dict[str, Dict[int, mx.array]] = {}
+    for key, value in weights.items():
+        # Raw HF norms are zero-centred; shift exactly once, like the trunk.
+        # (pre_fc_norm_embedding / pre_fc_norm_hidden / norm / q_norm / k_norm /
+        # input_layernorm / post_attention_layernorm: every 1-D "*norm*" weight.)
+        module = key.rsplit(".", 2)[-2] if key.count(".") else ""
+        if raw_checkpoint and "norm" in module and key.endswith(".weight") and value.ndim == 1:
+            value = value + 1.0
+        m = re.match(r"^(layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key)
+        if m:  # Qwen3-Next style: one tensor per expert -> stack.
+            experts.setdefault(f"{m.group(1)}.switch_mlp.{m.group(3)}.weight", {})[int(m.group(2))] = value
+            continue
+        m = re.match(r"^(layers\.\d+\.mlp)\.experts\.(gate_up_proj|down_proj)$", key)
+        if m:  # Qwen3.5-MoE fused experts: gate_up [E, 2I, H] splits on axis -2.
+            prefix = f"{m.group(1)}.switch_mlp"
+            if m.group(2) == "gate_up_proj":
+                mid = value.shape[-2] // 2
+                out[f"{prefix}.gate_proj.weight"] = value[..., :mid, :]
+                out[f"{prefix}.up_proj.weight"] = value[..., mid:, :]
+            else:
+                out[f"{prefix}.down_proj.weight"] = value
+            continue
+        out[key] = value
+    for key, per_expert in experts.items():
+        out[key] = mx.stack([per_expert[e] for e in sorted(per_expert)])
+    return out
+
+
+class _MTPMixin:
+    """Keeps the MTP head through loading. Used with mlx-lm's Model classes."""
+
+    def _init_mtp(self, args: ModelArgs) -> None:
+        text_args = self.language_model.args
+        self.declared_mtp_layers = int(args.text_config.get("mtp_num_hidden_layers", 0) or 0)
+        # Why the head is unusable, if it is (None when the head loaded).
+        self.mtp_problem: Optional[str] = None
+        if self.declared_mtp_layers > 0:
+            self.mtp = MTPHead(text_args, self.declared_mtp_layers)
+        enable_recurrent_rollback(self)
+
+    @property
+    def has_mtp(self) -> bool:
+        return "mtp" in self
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        head, trunk = {}, {}
+        for key, value in weights.items():
+            m = _MTP_KEY.match(key)
+            if m:
+                head[m.group(1)] = value
+            else:
+                trunk[key] = value
+        raw = any("conv1d.weight" in k and v.shape[-1] != 1 for k, v in trunk.items())
+        trunk = super().sanitize(trunk)
+        if self.declared_mtp_layers > 0 and not head:
+            self.mtp_problem = (
+                f"config declares mtp_num_hidden_layers={self.declared_mtp_layers} but the "
+                "checkpoint has no mtp.* weights (they were stripped by a conversion)"
+            )
+            self.pop("mtp", None)
+        elif head and self.declared_mtp_layers == 0:
+            self.mtp_problem = (
+                f"checkpoint has {len(head)} mtp.* tensors but its config declares no MTP "
+                "head (mtp_num_hidden_layers is missing or 0)"
+            )
+        elif head:
+            for key, value in _sanitize_mtp(head, raw).items():
+                trunk[f"mtp.{key}"] = value
+        elif self.declared_mtp_layers == 0:
+            self.mtp_problem = "this checkpoint has no MTP head (no mtp.* weights, none declared)"
+        return trunk
+
+    def make_cache(self) -> List[Any]:
+        return make_target_cache(self)
+
+    def make_mtp_cache(self) -> List[Any]:
+        return self.mtp.make_cache()
+
+    # Pieces the engine needs; the trunk itself returns post-norm hidden states.
+    def hidden(self, tokens: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
+        return self.language_model.model(tokens, cache)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        lm = self.language_model
+        if lm.args.tie_word_embeddings:
+            return lm.model.embed_tokens.as_linear(hidden)
+        return lm.lm_head(hidden)
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        return self.language_model.model.embed_tokens(tokens)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.language_model.args.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.language_model.args.vocab_size
+
+
+class Model(_MTPMixin, lm_qwen3_5.Model):
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        self._init_mtp(args)
+
+
+class MoeModel(_MTPMixin, lm_qwen3_5_moe.Model):
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        self._init_mtp(args)

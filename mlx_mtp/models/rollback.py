@@ -1,0 +1,131 @@
+"""Caches that can be rolled back to any prefix of a verify pass.
+
+Attention KV caches roll back by trimming. Gated-DeltaNet layers carry a conv
+state and a recurrent state that cannot be "trimmed": instead, while the target
+verifies k+1 positions, each such layer records the state after every position,
+and rollback selects the one for the accepted length. No target re-run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import ArraysCache, KVCache
+from mlx_lm.models.gated_delta import gated_delta_update, normalize_qk
+from mlx_lm.models.qwen3_5 import GatedDeltaNet
+
+
+class RecurrentCache(ArraysCache):
+    """mlx-lm's two-slot ArraysCache ([conv_state, recurrent_state]) plus
+    per-position history captured while `recording` is on."""
+
+    def __init__(self):
+        super().__init__(size=2)
+        self.recording = False
+        self.conv_input: Optional[mx.array] = None  # [B, K-1+T, C]
+        self.states: List[mx.array] = []  # state after each of the T positions
+
+    def record(self, conv_input: mx.array, states: List[mx.array], kernel: int):
+        self.conv_input = conv_input
+        self.states = states
+        self[0] = conv_input[:, -(kernel - 1) :, :]
+        self[1] = states[-1]
+
+    def keep(self, num_tokens: int) -> None:
+        """Keep the first `num_tokens` of the recorded positions."""
+        if not self.states:
+            raise RuntimeError("no recorded verify pass to roll back")
+        kernel_minus_1 = self.conv_input.shape[1] - len(self.states)
+        self[0] = self.conv_input[:, num_tokens : num_tokens + kernel_minus_1, :]
+        self[1] = self.states[num_tokens - 1]
+        self.forget()
+
+    def forget(self) -> None:
+        self.conv_input = None
+        self.states = []
+
+
+class RollbackGatedDeltaNet(GatedDeltaNet):
+    """mlx-lm's Qwen3.5 Gated-DeltaNet; when its cache is recording it keeps
+    the state after every position of the input (the verify pass)."""
+
+    def __call__(self, inputs: mx.array, mask=None, cache: Any = None) -> mx.array:
+        if not (isinstance(cache, RecurrentCache) and cache.recording):
+            return super().__call__(inputs, mask, cache)
+        B, S, _ = inputs.shape
+        qkv = self.in_proj_qkv(inputs)
+        z = self.in_proj_z(inputs).reshape(B, S, self.num_v_heads, self.head_v_dim)
+        b = self.in_proj_b(inputs)
+        a = self.in_proj_a(inputs)
+        conv_state = cache[0]
+        if conv_state is None:
+            conv_state = mx.zeros((B, self.conv_kernel_size - 1, self.conv_dim), inputs.dtype)
+        conv_input = mx.concatenate([conv_state, qkv], axis=1)
+        conv_out = nn.silu(self.conv1d(conv_input))
+        q, k, v = [
+            t.reshape(B, S, h, d)
+            for t, h, d in zip(
+                mx.split(conv_out, [self.key_dim, 2 * self.key_dim], -1),
+                [self.num_k_heads, self.num_k_heads, self.num_v_heads],
+                [self.head_k_dim, self.head_k_dim, self.head_v_dim],
+            )
+        ]
+        q, k = normalize_qk(q, k, inv_scale=self.head_k_dim**-0.5, eps=1e-6)
+        # One recurrence step per position, exactly as plain decoding runs it,
+        # so every intermediate state exists and matches step-by-step decoding.
+        state = cache[1]
+        outs, states = [], []
+        for t in range(S):
+            sl = slice(t, t + 1)
+            y, state = gated_delta_update(
+                q[:, sl], k[:, sl], v[:, sl], a[:, sl], b[:, sl],
+                self.A_log, self.dt_bias, state, None, use_kernel=not self.training,
+            )
+            outs.append(y)
+            states.append(state)
+        cache.record(conv_input, states, self.conv_kernel_size)
+        out = self.norm(mx.concatenate(outs, axis=1), z)
+        return self.out_proj(out.reshape(B, S, -1))
+
+
+def enable_recurrent_rollback(model: nn.Module) -> None:
+    """Swap the Gated-DeltaNet modules of an mlx-lm Qwen3.5 model for the
+    recording subclass. Same parameters, same plain forward."""
+    for layer in model.layers:
+        if getattr(layer, "is_linear", False) and isinstance(layer.linear_attn, GatedDeltaNet):
+            layer.linear_attn.__class__ = RollbackGatedDeltaNet
+
+
+def set_recording(cache: List[Any], on: bool) -> None:
+    for c in cache:
+        if isinstance(c, RecurrentCache):
+            c.recording = on
+
+
+def rollback(cache: List[Any], num_verified: int, num_keep: int) -> None:
+    """After a recorded pass over `num_verified` tokens, keep only the first
+    `num_keep` of them in every cache."""
+    drop = num_verified - num_keep
+    for c in cache:
+        if isinstance(c, RecurrentCache):
+            if drop > 0:
+                c.keep(num_keep)
+            else:
+                c.forget()
+        elif drop > 0:
+            if not c.is_trimmable():
+                raise TypeError(f"cache {type(c).__name__} cannot be rolled back")
+            c.trim(drop)
+
+
+def trim_cache(cache: List[Any], num_tokens: int) -> None:
+    """Trim attention caches by `num_tokens` (a head's own KV cache)."""
+    if num_tokens > 0:
+        for c in cache:
+            c.trim(num_tokens)
+
+
+def make_target_cache(model: nn.Module) -> List[Any]:
+    return [RecurrentCache() if layer.is_linear else KVCache() for layer in model.layers]
