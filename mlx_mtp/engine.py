@@ -115,9 +115,13 @@ def decode(
     max_context: Optional[int] = None,
     prefill_step_size: int = 2048,
     stats: Optional[Stats] = None,
+    cache: Optional[List[Any]] = None,
 ) -> Iterator[Cycle]:
     """Generate from `prompt` token ids; yields one `Cycle` for the prefill and
-    one per draft/verify cycle. `stats` is updated in place as it goes."""
+    one per draft/verify cycle. `stats` is updated in place as it goes.
+
+    `cache`: an empty list from `model.make_cache()` to keep (and inspect) the
+    target's cache; by default a fresh one is made."""
     prompt = [int(t) for t in prompt]
     if not prompt:
         raise ValueError("the prompt is empty")
@@ -143,7 +147,7 @@ def decode(
 
     # Prefill in chunks; logits only for the last position.
     start_time = time.perf_counter()
-    cache = model.make_cache()
+    cache = model.make_cache() if cache is None else cache
     if drafter is not None:
         drafter.reset()
     tokens = mx.array(prompt, mx.int32)

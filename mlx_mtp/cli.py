@@ -1,0 +1,316 @@
+"""The `mlx-mtp` command line.
+
+    mlx-mtp generate -m Qwen/Qwen3.5-4B "Write a haiku about rollbacks"
+    echo "prompt" | mlx-mtp generate -m ./model --json
+
+Text streams to stdout; a one-line summary (and any notes or warnings) goes
+to stderr. Errors are one `error: ...` line on stderr: exit 2 for bad
+arguments, 1 for everything else, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import warnings
+from typing import Any, Dict, List, Optional
+
+import click
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+class _Main(click.Group):
+    """A group that reports every error as one `error: ...` line on stderr
+    (no usage block, no traceback) with click's exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:  # Ctrl-C outside generation
+            click.echo(file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+        except click.ClickException as e:
+            no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
+            if isinstance(e, no_args):  # bare `mlx-mtp`: show the help
+                e.show()
+                sys.exit(e.exit_code)
+            message = e.format_message()
+            if isinstance(e, click.UsageError) and e.ctx is not None:
+                message = f"{message.rstrip('.')}. Try '{e.ctx.command_path} --help'."
+            _error(message)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _error(message: str) -> None:
+    message = " ".join(str(message).split()) or "unknown error"
+    click.echo(f"error: {message}", err=True)
+
+
+class _Finite(click.ParamType):
+    """A float in [lo, hi] (lo excluded when lo_open); NaN and inf rejected."""
+
+    name = "float"
+
+    def __init__(self, lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False):
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            x = value
+        else:
+            try:
+                x = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            self.fail(f"{x:g} is not in the range {self._range()}", param, ctx)
+        if self.hi is not None and x > self.hi:
+            self.fail(f"{x:g} is not in the range {self._range()}", param, ctx)
+        return x
+
+    def _range(self) -> str:
+        lo = "" if self.lo is None else f"{self.lo:g}{'<' if self.lo_open else '<='}"
+        hi = "" if self.hi is None else f"<={self.hi:g}"
+        return f"{lo}x{hi}"
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlx-mtp", prog_name="mlx-mtp")
+def main() -> None:
+    """Lossless speculative decoding on MLX with multi-token-prediction heads."""
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("-m", "--model", "model_path", required=True, metavar="PATH_OR_REPO",
+              help="Local model directory or Hugging Face repo id.")
+@click.option("--drafter", type=click.Choice(["auto", "none", "mtp"]), default="auto", show_default=True,
+              help="auto: the MTP head when there is one, else plain decoding; mtp: require it; none: plain decoding.")
+@click.option("-k", "--num-draft", type=click.IntRange(min=0), default=None,
+              help="Tokens drafted per cycle (default: the drafter's default; 0: plain decoding).")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Most tokens to generate.")
+@click.option("--temp", type=_Finite(lo=0.0), default=0.0, show_default=True,
+              help="Sampling temperature (0: greedy).")
+@click.option("--top-p", type=_Finite(lo=0.0, hi=1.0, lo_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling mass, 0 < p <= 1.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Keep the k most likely tokens (0: all).")
+@click.option("--min-p", type=_Finite(lo=0.0, hi=1.0), default=0.0, show_default=True,
+              help="Drop tokens below min-p times the top probability.")
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--system", default=None, help="System message.")
+@click.option("--no-chat-template", is_flag=True, help="Use the prompt as raw text.")
+@click.option("--thinking/--no-thinking", "enable_thinking", default=None,
+              help="Turn the chat template's thinking mode on or off (default: the template's).")
+@click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (text, tokens, stats, per-cycle trace) instead of streaming.")
+@click.option("--max-context", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Override the model's context length.")
+def generate(
+    prompt: Optional[str],
+    model_path: str,
+    drafter: str,
+    num_draft: Optional[int],
+    max_tokens: int,
+    temp: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    seed: Optional[int],
+    system: Optional[str],
+    no_chat_template: bool,
+    enable_thinking: Optional[bool],
+    stop: tuple,
+    as_json: bool,
+    max_context: Optional[int],
+) -> None:
+    """Generate from PROMPT (or stdin, when PROMPT is '-' or left out)."""
+    prompt = _read_prompt(prompt)
+    try:
+        _generate(
+            prompt, model_path, drafter, num_draft,
+            dict(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                 system=system, chat_template=not no_chat_template, enable_thinking=enable_thinking,
+                 stop=list(stop), max_context=max_context),
+            as_json,
+        )
+    except KeyboardInterrupt:  # while loading: nothing to report
+        click.echo(file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _read_prompt(prompt: Optional[str]) -> str:
+    if prompt is None or prompt == "-":
+        stdin = sys.stdin
+        if stdin is None or (prompt is None and stdin.isatty()):
+            raise click.UsageError("no prompt: pass PROMPT, or '-' / a pipe to read it from stdin")
+        prompt = stdin.read()
+        if prompt.endswith("\n"):  # `echo` adds one
+            prompt = prompt[:-1]
+        if not prompt:
+            raise click.UsageError("no prompt: stdin was empty")
+    return prompt
+
+
+def _runtime_errors() -> tuple:
+    from .engine import ContextLengthError
+    from .generate import DrafterUnavailableError
+    from .loading import CheckpointError, ModelNotFoundError
+
+    return (ModelNotFoundError, CheckpointError, DrafterUnavailableError, ContextLengthError)
+
+
+def _generate(prompt: str, model_path: str, drafter: str, num_draft: Optional[int],
+              options: Dict[str, Any], as_json: bool) -> None:
+    from .generate import stream_generate  # imported late: keeps `--help` fast
+
+    known = _runtime_errors()
+    try:
+        model, tokenizer = _load(model_path, drafter)
+    except known as e:
+        _fail(e)
+    except (OSError, ValueError) as e:  # tokenizer or config problems
+        _fail(e, prefix=f"cannot load {model_path}: ")
+
+    if num_draft is None:
+        num_draft = model.default_num_draft
+    if model.drafter is None:
+        click.echo(f"note: {model.drafter_note or 'no drafter'}", err=True)
+    elif num_draft == 0:
+        click.echo("note: drafting disabled (-k 0); plain decoding", err=True)
+
+    out = sys.stdout
+    text: List[str] = []
+    tokens: List[int] = []
+    trace: List[Dict[str, Any]] = []
+    stats = None
+    passes = 0
+    interrupted = False
+    try:
+        for response in stream_generate(model, tokenizer, prompt, num_draft=num_draft, **options):
+            stats = response.stats
+            # One trace entry per verify pass: the prefill and a trailing
+            # text-only response do not advance target_passes.
+            if stats.target_passes > passes:
+                passes = stats.target_passes
+                trace.append({"drafted": list(response.drafted), "accepted": int(response.accepted)})
+            tokens.extend(response.tokens)
+            text.append(response.text)
+            if not as_json and response.text:
+                out.write(response.text)
+                out.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        if stats is not None:
+            stats.finish_reason = "interrupted"
+    except known as e:
+        _end_stream(as_json, text)
+        _fail(e)
+    except ValueError as e:  # e.g. an empty prompt
+        _end_stream(as_json, text)
+        _fail(e)
+
+    if as_json:
+        payload = {
+            "text": "".join(text),
+            "tokens": tokens,
+            "stats": _stats_dict(stats, num_draft),
+            "trace": trace,
+        }
+        out.write(json.dumps(payload) + "\n")
+        out.flush()
+    else:
+        _end_stream(as_json, text)
+    if stats is not None:
+        click.echo(format_stats(stats), err=True)
+    if interrupted:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _load(model_path: str, drafter: str):
+    """load(), with stray prints and warnings kept off stdout: warnings become
+    `warning: ...` lines on stderr."""
+    from .generate import load
+
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("always")
+        model, tokenizer = load(model_path, drafter=drafter)
+    seen = set()
+    for w in caught:
+        message = str(w.message)
+        # The drafter fallback is reported once, as the note.
+        if message in seen or (model.drafter_note and message.split(";")[0] in model.drafter_note):
+            continue
+        seen.add(message)
+        click.echo(f"warning: {message}", err=True)
+    return model, tokenizer
+
+
+def _end_stream(as_json: bool, text: List[str]) -> None:
+    """End streamed text with a newline so the stats line starts on its own."""
+    if as_json:
+        return
+    written = "".join(text)
+    if written and not written.endswith("\n"):
+        out = sys.stdout
+        out.write("\n")
+        out.flush()
+    text.clear()
+
+
+def _fail(e: BaseException, prefix: str = "") -> None:
+    _error(prefix + (str(e) or type(e).__name__))
+    sys.exit(EXIT_ERROR)
+
+
+STATS_KEYS = (
+    "prompt_tokens", "generated_tokens", "draft_tokens", "accepted_tokens", "acceptance_rate",
+    "target_passes", "tokens_per_pass", "host_syncs_per_cycle", "prefill_tokens_per_s",
+    "decode_tokens_per_s", "peak_memory_gb", "drafter", "num_draft", "finish_reason",
+)
+
+
+def _stats_dict(stats, num_draft: int) -> Dict[str, Any]:
+    if stats is None:  # interrupted before the prefill finished
+        from .engine import Stats
+
+        stats = Stats(num_draft=num_draft, finish_reason="interrupted")
+    return stats.to_dict()
+
+
+def format_stats(stats) -> str:
+    """One readable line, e.g.
+    [mtp k=3] prompt 12 tok @ 850 tok/s | 64 tok @ 120.3 tok/s | acceptance 71% (45/63) | ..."""
+    d = stats.to_dict()
+    parts = [
+        f"[{stats.drafter} k={stats.num_draft}] prompt {stats.prompt_tokens} tok @ {d['prefill_tokens_per_s']:.0f} tok/s",
+        f"{stats.generated_tokens} tok @ {d['decode_tokens_per_s']:.1f} tok/s",
+    ]
+    if stats.draft_tokens:
+        parts.append(
+            f"acceptance {100 * stats.acceptance_rate:.0f}% ({stats.accepted_tokens}/{stats.draft_tokens})"
+        )
+    parts += [
+        f"{stats.tokens_per_pass:.1f} tok/pass",
+        f"{stats.host_syncs_per_cycle:.1f} syncs/cycle",
+        f"peak {d['peak_memory_gb']:.2f} GB",
+    ]
+    if stats.finish_reason and stats.finish_reason != "length":
+        parts.append(f"finish {stats.finish_reason}")
+    return " | ".join(parts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Lossless contract of the draft/verify loop with the Qwen3.5 MTP head.
+
+Greedy: speculative output is token-identical to plain decoding (and to
+mlx-lm's own generate_step). Rollback: after a speculative run every cache
+equals the cache that plain decoding of the same tokens leaves.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+
+import tiny
+from mlx_mtp import Stats, decode
+from mlx_mtp.drafters import MTPDrafter
+
+PROMPTS = [[5], [5, 17, 33, 2, 9], [40, 41, 42, 43, 44, 45, 46, 47], list(range(2, 30)), [88, 3, 3, 3, 71]]
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def model(request):
+    # noise=1.6: the head is right about half of the time, so accepted
+    # lengths 0..k all occur and every rollback depth is exercised.
+    return tiny.build(tiny.text_config(moe=request.param == "moe"), seed=3, predictable=True, noise=1.6)
+
+
+def run(model, prompt, k, max_tokens=48, eos=(), cache=None, drafter=None):
+    stats = Stats()
+    if drafter is None and k:
+        drafter = MTPDrafter(model)
+    tokens, from_draft = [], []
+    for cycle in decode(
+        model, prompt, drafter=drafter, num_draft=k, max_tokens=max_tokens,
+        eos_token_ids=eos, stats=stats, cache=cache,
+    ):
+        tokens += cycle.tokens
+        from_draft += cycle.from_draft
+    return tokens, from_draft, stats
+
+
+def test_plain_decoding_matches_mlx_lm(model):
+    for prompt in PROMPTS[:3]:
+        ours, _, _ = run(model, prompt, k=0, max_tokens=24)
+        ref = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=24)]
+        assert ours == ref
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_greedy_speculative_equals_plain(model, k):
+    accepted = drafted = 0
+    for prompt in PROMPTS:
+        plain, _, _ = run(model, prompt, k=0)
+        spec, from_draft, stats = run(model, prompt, k=k)
+        assert spec == plain, f"k={k} prompt={prompt}"
+        assert stats.host_syncs_per_cycle == 1.0
+        assert stats.generated_tokens == len(spec)
+        assert sum(from_draft) == stats.accepted_tokens
+        accepted += stats.accepted_tokens
+        drafted += stats.draft_tokens
+    # The run must contain both acceptances and rejections to mean anything.
+    assert 0 < accepted < drafted
+
+
+def test_accepted_lengths_cover_every_depth(model):
+    k = 4
+    seen = set()
+    for prompt in PROMPTS:
+        for cycle in decode(model, prompt, drafter=MTPDrafter(model), num_draft=k, max_tokens=64):
+            if cycle.drafted:
+                seen.add(cycle.accepted)
+    assert seen == set(range(k + 1)), seen
+
+
+def test_long_generation_many_rollbacks(model):
+    prompt = PROMPTS[1]
+    plain, _, _ = run(model, prompt, k=0, max_tokens=300)
+    spec, _, stats = run(model, prompt, k=3, max_tokens=300)
+    assert spec == plain
+    assert len(spec) == 300
+    rejected_cycles = stats.target_passes - stats.accepted_per_position[-1]
+    assert rejected_cycles > 20  # many partial rollbacks of GDN and KV state
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_eos_mid_cycle(model, k):
+    prompt = PROMPTS[1]
+    plain, _, _ = run(model, prompt, k=0, max_tokens=64)
+    # Every token of the plain run as EOS in turn: the stop must land at the
+    # same place whether that token was drafted, a bonus, or the first one.
+    for stop_at in range(0, 40, 3):
+        eos = [plain[stop_at]]
+        expected = plain[: plain.index(eos[0])]
+        spec, _, stats = run(model, prompt, k=k, max_tokens=64, eos=eos)
+        assert spec == expected
+        assert stats.finish_reason == "stop"
+
+
+def test_max_tokens_is_exact(model):
+    for max_tokens in (1, 2, 5, 17):
+        spec, _, stats = run(model, PROMPTS[2], k=4, max_tokens=max_tokens)
+        assert len(spec) == max_tokens
+        assert stats.finish_reason == "length"
+
+
+def _cache_arrays(c):
+    if hasattr(c, "cache"):  # Gated-DeltaNet: conv state, recurrent state
+        return [np.array(x) for x in c.cache]
+    return [np.array(c.keys[..., : c.offset, :]), np.array(c.values[..., : c.offset, :])]
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_rollback_leaves_plain_caches(model, k):
+    prompt = PROMPTS[3]
+    spec_cache, plain_cache = model.make_cache(), model.make_cache()
+    drafter = MTPDrafter(model)
+    spec, _, stats = run(model, prompt, k=k, max_tokens=40, cache=spec_cache, drafter=drafter)
+    plain, _, _ = run(model, prompt, k=0, max_tokens=40, cache=plain_cache)
+    assert spec == plain and stats.accepted_tokens < stats.draft_tokens
+    for a, b in zip(spec_cache, plain_cache):
+        for x, y in zip(_cache_arrays(a), _cache_arrays(b)):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+    # The head's own cache equals a fresh head run over the same
+    # (next token, target hidden) pairs: prompt + generated tokens.
+    sequence = prompt + spec
+    hidden = model.hidden(mx.array(sequence[:-1])[None])
+    ref_cache = model.make_mtp_cache()
+    model.mtp(model.embed(mx.array(sequence[1:])[None]), hidden, ref_cache)
+    for a, b in zip(drafter.cache, ref_cache):
+        assert a.offset == b.offset == len(sequence) - 1
+        for x, y in zip(_cache_arrays(a), _cache_arrays(b)):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_in_chunks_matches_one_shot(model):
+    prompt = list(range(2, 60))
+    whole, _, _ = run(model, prompt, k=3)
+    stats = Stats()
+    chunked = [
+        t
+        for c in decode(model, prompt, drafter=MTPDrafter(model), num_draft=3, max_tokens=48,
+                        prefill_step_size=7, stats=stats)
+        for t in c.tokens
+    ]
+    assert chunked == whole
