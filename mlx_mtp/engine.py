@@ -134,8 +134,8 @@ def decode(
         raise ContextLengthError(
             f"the prompt has {len(prompt)} tokens but the model's context is {ctx} tokens"
         )
-    if drafter is None:
-        num_draft = 0
+    if drafter is None or num_draft == 0:
+        drafter, num_draft = None, 0
     stats = stats if stats is not None else Stats()
     stats.drafter = drafter.name if (drafter and num_draft) else "none"
     stats.num_draft = num_draft
@@ -181,20 +181,14 @@ def decode(
         return
 
     no_drafts = mx.zeros((0,), mx.int32)
-    while True:
-        generated = stats.generated_tokens
-        position = len(prompt) + generated - 1  # where `last` goes
-        if position >= ctx:
-            stats.finish_reason = "context"
-            return
-        # Never draft past max_tokens or the context.
-        k = max(0, min(num_draft, max_tokens - generated - 1, ctx - position - 1))
-        key, draft_key, verify_key = mx.random.split(key, 3)
 
-        # 1-3: one lazy graph: draft, verify, accept.
+    def build_cycle(last_token: mx.array, k: int):
+        """Steps 1-3 as one lazy graph: draft, verify, accept."""
+        nonlocal key
+        key, draft_key, verify_key = mx.random.split(key, 3)
         drafts, draft_probs = drafter.draft(k, params, draft_key) if k else (no_drafts, None)
-        verify_input = mx.concatenate([mx.array([last], mx.int32), drafts])[None]
-        set_recording(cache, k > 0)
+        verify_input = mx.concatenate([last_token.reshape(1), drafts])[None]
+        set_recording(cache, k > 0)  # only a draft can need a rollback
         hidden = model.hidden(verify_input, cache)
         set_recording(cache, False)
         logits = model.logits(hidden)[0]
@@ -203,6 +197,27 @@ def decode(
         else:
             n, bonus = accept_sampled(logits, drafts, draft_probs, params, verify_key)
         packed = mx.concatenate([n.reshape(1), drafts, bonus.reshape(1)])
+        return packed, hidden, k
+
+    queued = None  # plain decoding: the next step, already on the device
+    while True:
+        generated = stats.generated_tokens
+        position = len(prompt) + generated - 1  # where `last` goes
+        if position >= ctx:
+            stats.finish_reason = "context"
+            return
+        if queued is not None:
+            (packed, hidden, k), queued = queued, None
+        else:
+            # Never draft past max_tokens or the context.
+            k = max(0, min(num_draft, max_tokens - generated - 1, ctx - position - 1))
+            packed, hidden, k = build_cycle(mx.array([last], mx.int32), k)
+        if drafter is None and generated + 1 < max_tokens and position + 1 < ctx:
+            # Without a drafter nothing depends on the host: queue the next
+            # step on the lazy bonus token so the device never waits (as
+            # mlx-lm's generate_step does).
+            queued = build_cycle(packed[-1:], 0)
+            mx.async_eval(queued[0])
         out = packed.tolist()  # the one host sync of the cycle
         stats.host_syncs += 1
         stats.target_passes += 1

@@ -167,11 +167,6 @@ def test_rollback_equals_running_kept_prefix(variant, num_keep):
     np.testing.assert_allclose(_np(model(nxt, cache=cache)), _np(model(nxt, cache=want)), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RecurrentCache.keep(0) restores states[-1] (the state after the LAST "
-    "verified token) instead of the pre-pass state; the engine always keeps >= 1",
-)
 def test_rollback_keep_zero_restores_pre_pass_state(variant):
     _, model = variant
     cache = _prefilled(model)

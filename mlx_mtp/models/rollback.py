@@ -25,10 +25,12 @@ class RecurrentCache(ArraysCache):
         super().__init__(size=2)
         self.recording = False
         self.conv_input: Optional[mx.array] = None  # [B, K-1+T, C]
+        self.initial_state: Optional[mx.array] = None  # state before the T positions
         self.states: List[mx.array] = []  # state after each of the T positions
 
-    def record(self, conv_input: mx.array, states: List[mx.array], kernel: int):
+    def record(self, conv_input: mx.array, initial: Optional[mx.array], states: List[mx.array], kernel: int):
         self.conv_input = conv_input
+        self.initial_state = initial
         self.states = states
         self[0] = conv_input[:, -(kernel - 1) :, :]
         self[1] = states[-1]
@@ -37,13 +39,16 @@ class RecurrentCache(ArraysCache):
         """Keep the first `num_tokens` of the recorded positions."""
         if not self.states:
             raise RuntimeError("no recorded verify pass to roll back")
+        if not 0 <= num_tokens <= len(self.states):
+            raise ValueError(f"cannot keep {num_tokens} of {len(self.states)} recorded positions")
         kernel_minus_1 = self.conv_input.shape[1] - len(self.states)
         self[0] = self.conv_input[:, num_tokens : num_tokens + kernel_minus_1, :]
-        self[1] = self.states[num_tokens - 1]
+        self[1] = self.states[num_tokens - 1] if num_tokens else self.initial_state
         self.forget()
 
     def forget(self) -> None:
         self.conv_input = None
+        self.initial_state = None
         self.states = []
 
 
@@ -75,7 +80,7 @@ class RollbackGatedDeltaNet(GatedDeltaNet):
         q, k = normalize_qk(q, k, inv_scale=self.head_k_dim**-0.5, eps=1e-6)
         # One recurrence step per position, exactly as plain decoding runs it,
         # so every intermediate state exists and matches step-by-step decoding.
-        state = cache[1]
+        initial = state = cache[1]
         outs, states = [], []
         for t in range(S):
             sl = slice(t, t + 1)
@@ -85,7 +90,7 @@ class RollbackGatedDeltaNet(GatedDeltaNet):
             )
             outs.append(y)
             states.append(state)
-        cache.record(conv_input, states, self.conv_kernel_size)
+        cache.record(conv_input, initial, states, self.conv_kernel_size)
         out = self.norm(mx.concatenate(outs, axis=1), z)
         return self.out_proj(out.reshape(B, S, -1))
 
@@ -107,6 +112,8 @@ def set_recording(cache: List[Any], on: bool) -> None:
 def rollback(cache: List[Any], num_verified: int, num_keep: int) -> None:
     """After a recorded pass over `num_verified` tokens, keep only the first
     `num_keep` of them in every cache."""
+    if not 0 <= num_keep <= num_verified:
+        raise ValueError(f"cannot keep {num_keep} of {num_verified} verified tokens")
     drop = num_verified - num_keep
     for c in cache:
         if isinstance(c, RecurrentCache):

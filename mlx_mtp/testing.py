@@ -1,0 +1,181 @@
+"""Tiny Qwen3.5 + MTP checkpoints for tests and smoke runs (random weights,
+nothing downloaded).
+
+`predictable=True` builds a target whose next token is mostly a fixed
+permutation of the current one, plus an MTP head that knows the permutation.
+`noise` mixes in the random layers, so the head is right only some of the time
+and every accepted length (and so every rollback depth) shows up.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .models import qwen3_5
+
+VOCAB = 96
+
+
+def text_config(moe: bool = False, mtp_layers: int = 1, **overrides) -> dict:
+    cfg = {
+        "model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text",
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "linear_num_value_heads": 4,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 4,
+        "full_attention_interval": 2,
+        "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 2048,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [1, 1, 0],
+        },
+        "mtp_num_hidden_layers": mtp_layers,
+        "mtp_use_dedicated_embeddings": False,
+        "eos_token_id": 1,
+    }
+    if moe:
+        cfg.update(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            decoder_sparse_step=1,
+            norm_topk_prob=True,
+        )
+    cfg.update(overrides)
+    return cfg
+
+
+def hf_config(moe: bool = False, mtp_layers: int = 1, **overrides) -> dict:
+    """Multimodal-style config as in the released Qwen3.5 repos."""
+    return {
+        "model_type": "qwen3_5_moe" if moe else "qwen3_5",
+        "architectures": ["Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"],
+        "text_config": text_config(moe, mtp_layers, **overrides),
+        "eos_token_id": 1,
+    }
+
+
+def build(config: dict, seed: int = 0, predictable: bool = False, noise: float = 0.3):
+    """A randomly initialised model with the MTP head (float32)."""
+    mx.random.seed(seed)
+    cls = qwen3_5.MoeModel if "moe" in config["model_type"] else qwen3_5.Model
+    # mlx-lm's args rewrite rope_parameters in place: keep the caller's dict intact.
+    model = cls(qwen3_5.ModelArgs.from_dict(copy.deepcopy(config)))
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, value in tree_flatten(model.parameters()):
+        shape = value.shape
+        if _is_norm(name):
+            params[name] = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith("A_log"):
+            params[name] = np.log(rng.uniform(1, 8, shape))
+        elif name.endswith("dt_bias"):
+            params[name] = rng.uniform(0.5, 1.5, shape)
+        else:
+            fan_in = shape[-1] if len(shape) > 1 else 1
+            params[name] = rng.standard_normal(shape) / np.sqrt(fan_in)
+    if predictable:
+        _make_predictable(model, params, rng, noise)
+    model.update(_unflatten({k: mx.array(v, dtype=mx.float32) for k, v in params.items()}))
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def _make_predictable(model, params: Dict[str, np.ndarray], rng, noise: float) -> None:
+    V = model.vocab_size
+    H = model.hidden_size
+    perm = rng.permutation(V)  # greedy next token ~ perm[current]
+    E = rng.standard_normal((V, H))
+    E /= np.linalg.norm(E, axis=1, keepdims=True) / np.sqrt(H)
+    params["language_model.model.embed_tokens.weight"] = E
+    inverse = np.argsort(perm)
+    params["language_model.lm_head.weight"] = 4.0 * E[inverse] / np.sqrt(H)
+    for name in list(params):
+        # Shrink every residual-branch output so the stream stays near E[t].
+        if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+            params[name] = params[name] * noise
+        if name.startswith("mtp.") and _is_norm(name):
+            params[name] = np.ones_like(params[name])
+    fc = np.zeros((H, 2 * H))
+    fc[:, :H] = np.eye(H)
+    fc[:, H:] = 0.05 * rng.standard_normal((H, H))
+    if "mtp.fc.weight" in params:
+        params["mtp.fc.weight"] = fc
+
+
+def _is_norm(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and "norm" in parts[-2] and parts[-1] == "weight"
+
+
+def _unflatten(flat: Dict[str, mx.array]):
+    from mlx.utils import tree_unflatten
+
+    return tree_unflatten(list(flat.items()))
+
+
+def save_hf_checkpoint(model, path: Path, config: dict, raw: bool = True, drop_mtp: bool = False) -> Path:
+    """Write `model`'s weights as a raw HF checkpoint (zero-centred norms,
+    `model.language_model.*` keys, torch conv1d layout) or in mlx-lm layout."""
+    path.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for name, value in tree_flatten(model.parameters()):
+        if drop_mtp and name.startswith("mtp."):
+            continue
+        if raw:
+            is_norm = _is_norm(name) and value.ndim == 1
+            is_gated_norm = ".linear_attn.norm." in name
+            if is_norm and not is_gated_norm:
+                value = value - 1.0
+            if "conv1d.weight" in name:
+                value = value.moveaxis(2, 1)  # [C, K, 1] -> [C, 1, K]
+            if name.startswith("language_model.model."):
+                name = "model.language_model." + name[len("language_model.model.") :]
+            elif name.startswith("language_model."):
+                name = name[len("language_model.") :]
+            if ".switch_mlp." in name:
+                name, value = _fuse_experts(name, value, weights)
+                if name is None:
+                    continue
+        weights[name] = value
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    with open(path / "config.json", "w") as f:
+        json.dump(config, f, indent=1)
+    return path
+
+
+_pending: Dict[str, Dict[str, mx.array]] = {}
+
+
+def _fuse_experts(name: str, value: mx.array, weights: dict):
+    """mlx-lm's split switch_mlp -> Qwen3.5-MoE's fused `experts.gate_up_proj`."""
+    prefix, rest = name.split(".switch_mlp.")
+    if rest.startswith("down_proj"):
+        return f"{prefix}.experts.down_proj", value
+    parts = _pending.setdefault(prefix, {})
+    parts[rest.split(".")[0]] = value
+    if len(parts) < 2:
+        return None, None
+    del _pending[prefix]
+    return f"{prefix}.experts.gate_up_proj", mx.concatenate([parts["gate_proj"], parts["up_proj"]], axis=-2)
