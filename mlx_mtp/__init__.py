@@ -1,7 +1,7 @@
 """mlx-mtp: lossless multi-token-prediction speculative decoding on MLX."""
 
 from .engine import ContextLengthError, Cycle, Stats, decode
-from .generate import (
+from .api import (
     DrafterUnavailableError,
     GenerationResponse,
     SpeculativeModel,

@@ -165,7 +165,7 @@ def _read_prompt(prompt: Optional[str]) -> str:
 
 def _runtime_errors() -> tuple:
     from .engine import ContextLengthError
-    from .generate import DrafterUnavailableError
+    from .api import DrafterUnavailableError
     from .loading import CheckpointError, ModelNotFoundError
 
     return (ModelNotFoundError, CheckpointError, DrafterUnavailableError, ContextLengthError)
@@ -173,7 +173,7 @@ def _runtime_errors() -> tuple:
 
 def _generate(prompt: str, model_path: str, drafter: str, num_draft: Optional[int],
               options: Dict[str, Any], as_json: bool) -> None:
-    from .generate import stream_generate  # imported late: keeps `--help` fast
+    from .api import stream_generate  # imported late: keeps `--help` fast
 
     known = _runtime_errors()
     try:
@@ -242,7 +242,7 @@ def _generate(prompt: str, model_path: str, drafter: str, num_draft: Optional[in
 def _load(model_path: str, drafter: str):
     """load(), with stray prints and warnings kept off stdout: warnings become
     `warning: ...` lines on stderr."""
-    from .generate import load
+    from .api import load
 
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("always")

@@ -41,6 +41,7 @@ class Stats:
     drafter: str = "none"
     num_draft: int = 0
     prompt_tokens: int = 0
+    prefilled_tokens: int = 0  # prompt tokens actually run (fewer when a prompt cache was reused)
     generated_tokens: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
@@ -69,7 +70,7 @@ class Stats:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        return self.prefilled_tokens / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -99,7 +100,33 @@ def _cache_arrays(cache: List[Any]) -> List[mx.array]:
 
 
 def context_length(model) -> int:
-    return int(model.language_model.args.max_position_embeddings)
+    return int(model.context_length)
+
+
+@dataclass
+class PromptCache:
+    """What one `decode` call leaves for the next, so that a new prompt that
+    extends the old sequence (the next chat turn) pre-fills only its new
+    tokens. Pass the same object to every call; it is updated in place."""
+
+    cache: Optional[List[Any]] = None  # the target's cache
+    tokens: List[int] = field(default_factory=list)  # tokens held by `cache`
+    last_hidden: Optional[mx.array] = None  # target hidden state of tokens[-1]
+    drafter: Optional[Drafter] = None  # the drafter that has seen `tokens`
+
+    def reusable_for(self, prompt: List[int], drafter: Optional[Drafter]) -> bool:
+        # Recurrent (Gated-DeltaNet) state cannot be trimmed at will, so the
+        # cached tokens must be an exact prefix of the new prompt.
+        n = len(self.tokens)
+        return bool(
+            self.cache is not None
+            and 0 < n < len(prompt)
+            and prompt[:n] == self.tokens
+            and self.drafter is drafter
+        )
+
+    def clear(self) -> None:
+        self.cache, self.tokens, self.last_hidden, self.drafter = None, [], None, None
 
 
 def decode(
@@ -116,12 +143,17 @@ def decode(
     prefill_step_size: int = 2048,
     stats: Optional[Stats] = None,
     cache: Optional[List[Any]] = None,
+    prompt_cache: Optional[PromptCache] = None,
 ) -> Iterator[Cycle]:
     """Generate from `prompt` token ids; yields one `Cycle` for the prefill and
     one per draft/verify cycle. `stats` is updated in place as it goes.
 
     `cache`: an empty list from `model.make_cache()` to keep (and inspect) the
-    target's cache; by default a fresh one is made."""
+    target's cache; by default a fresh one is made.
+    `prompt_cache`: reuse the state a previous call left when `prompt` extends
+    its tokens (chat turns); only the new tokens are pre-filled. With it, a
+    drafter keeps following the sequence even at num_draft=0, so drafting
+    can be switched back on without a full re-prefill."""
     prompt = [int(t) for t in prompt]
     if not prompt:
         raise ValueError("the prompt is empty")
@@ -134,8 +166,10 @@ def decode(
         raise ContextLengthError(
             f"the prompt has {len(prompt)} tokens but the model's context is {ctx} tokens"
         )
-    if drafter is None or num_draft == 0:
-        drafter, num_draft = None, 0
+    if drafter is None:
+        num_draft = 0
+    elif num_draft == 0 and prompt_cache is None:
+        drafter = None  # plain decoding: no drafter work at all
     stats = stats if stats is not None else Stats()
     stats.drafter = drafter.name if (drafter and num_draft) else "none"
     stats.num_draft = num_draft
@@ -147,12 +181,22 @@ def decode(
 
     # Prefill in chunks; logits only for the last position.
     start_time = time.perf_counter()
-    cache = model.make_cache() if cache is None else cache
-    if drafter is not None:
-        drafter.reset()
     tokens = mx.array(prompt, mx.int32)
+    reuse = prompt_cache is not None and prompt_cache.reusable_for(prompt, drafter)
+    if reuse:
+        cache, begin, prev_hidden = prompt_cache.cache, len(prompt_cache.tokens), prompt_cache.last_hidden
+        if drafter is not None:
+            # Its newest entry paired h(tokens[-1]) with a token we had not
+            # seen for sure (the last sampled one): redo it with the real one.
+            drafter.rewind(1)
+    else:
+        cache = model.make_cache() if cache is None else cache
+        begin, prev_hidden = 0, None
+        if drafter is not None:
+            drafter.reset()
+    stats.prefilled_tokens = len(prompt) - begin
     first = None
-    for start in range(0, len(prompt), prefill_step_size):
+    for start in range(begin, len(prompt), prefill_step_size):
         end = min(start + prefill_step_size, len(prompt))
         hidden = model.hidden(tokens[None, start:end], cache)
         if end == len(prompt):
@@ -162,14 +206,26 @@ def decode(
         else:
             next_tokens = tokens[start + 1 : end + 1]
         if drafter is not None:
+            if prev_hidden is not None:
+                drafter.observe(tokens[start : start + 1], prev_hidden)
+                prev_hidden = None
             drafter.observe(next_tokens, hidden)
         lazy = drafter.lazy_state() if drafter is not None else []
         mx.eval(_cache_arrays(cache) + lazy + ([first] if first is not None else []))
+    cache_tokens = list(prompt)
+    last_hidden = hidden[:, -1:, :]
+
+    def save_prompt_cache():
+        if prompt_cache is not None:
+            prompt_cache.cache, prompt_cache.tokens = cache, cache_tokens
+            prompt_cache.last_hidden, prompt_cache.drafter = last_hidden, drafter
+
     last = int(first.item())
     stats.prefill_s = time.perf_counter() - start_time
     stats.generated_tokens = 1
     decode_start = time.perf_counter()
 
+    save_prompt_cache()
     if last in eos:
         stats.generated_tokens = 0
         stats.finish_reason = "stop"
@@ -212,7 +268,7 @@ def decode(
             # Never draft past max_tokens or the context.
             k = max(0, min(num_draft, max_tokens - generated - 1, ctx - position - 1))
             packed, hidden, k = build_cycle(mx.array([last], mx.int32), k)
-        if drafter is None and generated + 1 < max_tokens and position + 1 < ctx:
+        if drafter is None and prompt_cache is None and generated + 1 < max_tokens and position + 1 < ctx:
             # Without a drafter nothing depends on the host: queue the next
             # step on the lazy bonus token so the device never waits (as
             # mlx-lm's generate_step does).
@@ -230,12 +286,7 @@ def decode(
             stats.drafted_per_position[j] += 1
             stats.accepted_per_position[j] += int(j < n)
 
-        # 4-5: roll back to the accepted prefix, seed the drafter.
-        if k:
-            rollback(cache, k + 1, n + 1)
-        if drafter is not None:
-            drafter.observe(mx.array(emitted, mx.int32), hidden[:, : n + 1, :])
-
+        # A stop inside the emitted tokens ends the sequence there.
         kept: List[int] = []
         for token in emitted:
             if token in eos:
@@ -245,6 +296,24 @@ def decode(
             if generated + len(kept) >= max_tokens:
                 stats.finish_reason = "length"
                 break
+        # The token at `cut` is the newest sampled one (EOS, the last kept, or
+        # the bonus): like every "last" token, it is not in the cache.
+        if stats.finish_reason == "stop":
+            cut = len(kept)
+        elif stats.finish_reason == "length":
+            cut = len(kept) - 1
+        else:
+            cut = n
+
+        # 4-5: roll back to the accepted prefix, seed the drafter.
+        if k:
+            rollback(cache, k + 1, cut + 1)
+        if drafter is not None:
+            drafter.observe(mx.array(emitted[: cut + 1], mx.int32), hidden[:, : cut + 1, :])
+        cache_tokens.extend([last] + emitted[:cut])
+        last_hidden = hidden[:, cut : cut + 1, :]
+        save_prompt_cache()
+
         stats.generated_tokens += len(kept)
         stats.decode_s = time.perf_counter() - decode_start
         yield Cycle(kept, [i < n for i in range(len(kept))], drafted, n)

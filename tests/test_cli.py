@@ -177,7 +177,7 @@ def test_json_stdout_is_clean_when_loading_warns(tiny_model_dir_no_mtp):
 
 
 def test_keyboard_interrupt_prints_stats_and_exits_130(tiny_model_dir, monkeypatch):
-    gen = importlib.import_module("mlx_mtp.generate")
+    gen = importlib.import_module("mlx_mtp.api")
     real = gen.stream_generate
 
     def interrupted(*args, **kwargs):

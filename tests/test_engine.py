@@ -144,3 +144,60 @@ def test_prefill_in_chunks_matches_one_shot(model):
         for t in c.tokens
     ]
     assert chunked == whole
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_prompt_cache_prefills_only_new_tokens(model, k):
+    from mlx_mtp.engine import PromptCache
+
+    drafter = MTPDrafter(model)
+    pc = PromptCache()
+    history = [5, 17, 33, 2]
+    for turn, (extra, num_draft) in enumerate([([9, 11], k), ([40, 41, 42], 0), ([7], k), ([8, 9], 3)]):
+        prompt = history + extra
+        stats = Stats()
+        out = [t for c in decode(model, prompt, drafter=drafter, num_draft=num_draft, max_tokens=20,
+                                 stats=stats, prompt_cache=pc) for t in c.tokens]
+        fresh, _, _ = run(model, prompt, k=num_draft, max_tokens=20)
+        assert out == fresh, turn
+        # Turn 1 pre-fills the prompt; later turns only what is new since the
+        # last cached token (the last sampled token plus the new tokens).
+        expected = len(prompt) if turn == 0 else len(prompt) - len(cache_tokens)
+        assert stats.prefilled_tokens == expected
+        cache_tokens = list(pc.tokens)
+        assert cache_tokens == prompt + out[:-1]
+        history = prompt + out
+
+
+def test_prompt_cache_falls_back_when_history_differs(model):
+    from mlx_mtp.engine import PromptCache
+
+    pc = PromptCache()
+    drafter = MTPDrafter(model)
+    list(decode(model, [5, 17, 33, 2], drafter=drafter, num_draft=3, max_tokens=10, prompt_cache=pc))
+    other = [6, 17, 33, 2, 9, 9]  # not an extension of the cached tokens
+    stats = Stats()
+    out = [t for c in decode(model, other, drafter=drafter, num_draft=3, max_tokens=10, stats=stats,
+                             prompt_cache=pc) for t in c.tokens]
+    assert stats.prefilled_tokens == len(other)
+    assert out == run(model, other, k=3, max_tokens=10)[0]
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_prompt_cache_after_eos_mid_cycle(model, k):
+    from mlx_mtp.engine import PromptCache
+
+    prompt = [5, 17, 33, 2]
+    plain, _, _ = run(model, prompt, k=0, max_tokens=30)
+    eos = plain[7]
+    pc, drafter = PromptCache(), MTPDrafter(model)
+    out = [t for c in decode(model, prompt, drafter=drafter, num_draft=k, max_tokens=30, eos_token_ids=[eos],
+                             prompt_cache=pc) for t in c.tokens]
+    assert out == plain[:7]
+    assert pc.tokens == prompt + out  # EOS is the newest sampled token: not in the cache
+    nxt = prompt + out + [eos, 12, 13]
+    stats = Stats()
+    again = [t for c in decode(model, nxt, drafter=drafter, num_draft=k, max_tokens=15, stats=stats,
+                               prompt_cache=pc) for t in c.tokens]
+    assert stats.prefilled_tokens == 3
+    assert again == run(model, nxt, k=k, max_tokens=15)[0]

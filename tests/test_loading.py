@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 import tiny
 from mlx_mtp import decode
 from mlx_mtp.drafters import MTPDrafter
-from mlx_mtp.generate import DrafterUnavailableError, make_drafter
+from mlx_mtp.api import DrafterUnavailableError, make_drafter
 from mlx_mtp.loading import CheckpointError, load_target
 
 PROMPT = mx.array([[5, 17, 33, 2, 9, 11]])

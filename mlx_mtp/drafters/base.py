@@ -9,7 +9,7 @@ The engine drives a drafter with three calls per sequence:
   May be lazy arrays.
 - `draft(k, params, key)`: propose k tokens. Returns lazy `tokens` [k] and,
   when sampling, their draft distributions [k, V] for rejection sampling.
-- `reset()`: forget the sequence.
+- `reset()`: forget the sequence; `rewind(n)`: forget its newest n positions.
 
 After `draft`, the engine always calls `observe` with the verified outcome
 before drafting again, so a drafter can discard its speculative state there.
@@ -36,6 +36,10 @@ class Drafter(ABC):
 
     @abstractmethod
     def observe(self, next_tokens: mx.array, hidden: mx.array) -> None: ...
+
+    def rewind(self, num_positions: int) -> None:
+        """Forget the newest `num_positions` observed positions (prompt-cache
+        reuse re-reads the last one). Drafters without state ignore it."""
 
     def lazy_state(self) -> List[mx.array]:
         """Arrays to evaluate with the target's cache during prefill, so that

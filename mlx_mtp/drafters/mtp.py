@@ -39,6 +39,10 @@ class MTPDrafter(Drafter):
         g = self.model.mtp(self.model.embed(next_tokens.reshape(1, -1)), hidden, self.cache)
         self.last_state = g[:, -1:, :]
 
+    def rewind(self, num_positions: int) -> None:
+        trim_cache(self.cache, self.speculative_entries + num_positions)
+        self.speculative_entries = 0
+
     def lazy_state(self) -> List[mx.array]:
         return [self.last_state] + [x for c in self.cache for x in (c.keys, c.values) if x is not None]
 

@@ -20,6 +20,8 @@ class ModelNotFoundError(FileNotFoundError):
 def resolve_model_path(path_or_repo: str, revision: str | None = None) -> Path:
     path = Path(path_or_repo).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{path} is a file: pass the model directory")
         if path.is_dir() and not (path / "config.json").exists():
             raise ModelNotFoundError(f"{path} has no config.json: not a model directory")
         return path

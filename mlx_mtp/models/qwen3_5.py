@@ -151,6 +151,10 @@ class _MTPMixin:
         return self.language_model.model.embed_tokens(tokens)
 
     @property
+    def context_length(self) -> int:
+        return int(self.language_model.args.max_position_embeddings)
+
+    @property
     def hidden_size(self) -> int:
         return self.language_model.args.hidden_size
 

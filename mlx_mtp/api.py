@@ -13,7 +13,9 @@ from mlx_lm.utils import load_tokenizer
 
 from .drafters import Drafter, MTPDrafter
 from .engine import Stats, decode
-from .loading import load_target, resolve_model_path
+from .loading import CheckpointError, load_target, resolve_model_path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
 from .sampling import SamplingParams
 
 
@@ -68,6 +70,8 @@ def load(
     """
     path = resolve_model_path(str(path_or_repo), revision=revision)
     target, config = load_target(path, lazy=lazy)
+    if not any(any(path.glob(p)) for p in TOKENIZER_FILES):
+        raise CheckpointError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     chosen, note = make_drafter(target, drafter)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return SpeculativeModel(target, chosen, config, path, note), tokenizer
