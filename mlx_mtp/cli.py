@@ -290,6 +290,10 @@ def _stats_dict(stats, num_draft: int) -> Dict[str, Any]:
     return stats.to_dict()
 
 
+def _memory(gb: float) -> str:
+    return f"{gb:.2f} GB" if gb >= 0.1 else f"{gb * 1000:.1f} MB"
+
+
 def format_stats(stats) -> str:
     """One readable line, e.g.
     [mtp k=3] prompt 12 tok @ 850 tok/s | 64 tok @ 120.3 tok/s | acceptance 71% (45/63) | ..."""
@@ -305,7 +309,7 @@ def format_stats(stats) -> str:
     parts += [
         f"{stats.tokens_per_pass:.1f} tok/pass",
         f"{stats.host_syncs_per_cycle:.1f} syncs/cycle",
-        f"peak {d['peak_memory_gb']:.2f} GB",
+        f"peak {_memory(d['peak_memory_gb'])}",
     ]
     if stats.finish_reason and stats.finish_reason != "length":
         parts.append(f"finish {stats.finish_reason}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -179,3 +180,108 @@ def _fuse_experts(name: str, value: mx.array, weights: dict):
         return None, None
     del _pending[prefix]
     return f"{prefix}.experts.gate_up_proj", mx.concatenate([parts["gate_proj"], parts["up_proj"]], axis=-2)
+
+
+# --- a tokenizer for the tiny models, built offline -----------------------
+
+# Special tokens first, so their ids are fixed and small. EOS is <|im_end|>,
+# id 1, which is the `eos_token_id` hf_config() writes.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<think>", "</think>"]
+EOS_TOKEN = "<|im_end|>"
+EOS_TOKEN_ID = 1
+# Byte-level BPE symbols, as in the Qwen tokenizers: "\n" is "Ċ" and " " is
+# "Ġ". Printable ASCII minus a few characters, so the vocabulary is exactly
+# VOCAB; characters not in it (and any non-ASCII byte) are dropped when
+# encoding, as byte-level BPE does for bytes it has no symbol for.
+DROPPED_CHARS = "^`~{}"
+CHARS = ["\u010a", "\u0120"] + [chr(c) for c in range(33, 127) if chr(c) not in DROPPED_CHARS]
+# The Qwen2/3/3.5 pre-tokenizer regex (transformers rebuilds Qwen3.5 tokenizers
+# with it from the vocabulary, so tokenizer.json uses the same pipeline).
+PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}|"""
+    r""" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# A small Qwen-style template: optional system message, and the Qwen3
+# `enable_thinking` switch (on by default: the prompt opens a <think> block;
+# off: an empty think block is written for the model).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- else -%}"
+    "{{ '<think>\\n' }}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer (no merges: one token per character) with
+    exactly VOCAB ids, built like Qwen's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {}
+    for token in SPECIAL_TOKENS + CHARS:
+        vocab[token] = len(vocab)
+    assert len(vocab) == VOCAB, len(vocab)
+    assert vocab[EOS_TOKEN] == EOS_TOKEN_ID
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    assert tok.get_vocab_size() == VOCAB
+    return tok
+
+
+def write_tokenizer(path: Path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    build_tokenizer().save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS_TOKEN,
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "add_bos_token": False,
+        "model_max_length": 2048,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    with open(path / "tokenizer_config.json", "w") as f:
+        json.dump(config, f, indent=1)
+    return path
+
+
+def write_model_dir(path: Path, drop_mtp: bool = False, seed: int = 0) -> Path:
+    """A complete tiny model directory: raw HF safetensors + tokenizer.
+
+    predictable=True with noise=1.6 gives roughly 50% draft acceptance."""
+    config = hf_config()
+    model = build(config, seed=seed, predictable=True, noise=1.6)
+    save_hf_checkpoint(model, Path(path), config, raw=True, drop_mtp=drop_mtp)
+    write_tokenizer(path)
+    return Path(path)
+
+
+def main(argv=None) -> None:
+    """python -m mlx_mtp.testing DIR: write a complete tiny model directory."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m mlx_mtp.testing OUTPUT_DIR")
+    path = write_model_dir(Path(argv[0]))
+    print(f"wrote a tiny Qwen3.5 + MTP checkpoint (random weights) to {path}")
+
+
+if __name__ == "__main__":
+    main()
