@@ -1,6 +1,6 @@
 """mlx-mtp: lossless multi-token-prediction speculative decoding on MLX."""
 
-from .engine import ContextLengthError, Cycle, Stats, decode
+from .engine import ContextLengthError, Cycle, PromptCache, Stats, decode
 from .api import (
     DrafterUnavailableError,
     GenerationResponse,
@@ -24,6 +24,7 @@ __all__ = [
     "GenerationResponse",
     "SamplingParams",
     "Stats",
+    "PromptCache",
     "Cycle",
     "ContextLengthError",
     "DrafterUnavailableError",

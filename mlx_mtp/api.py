@@ -12,7 +12,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
 from .drafters import Drafter, MTPDrafter
-from .engine import Stats, decode
+from .engine import PromptCache, Stats, decode
 from .loading import CheckpointError, load_target, resolve_model_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
@@ -90,20 +90,28 @@ class GenerationResponse:
     finish_reason: Optional[str] = None
 
 
+Prompt = Union[str, Sequence[int], Sequence[Dict[str, str]]]
+
+
 def build_prompt(
     tokenizer: TokenizerWrapper,
-    prompt: Union[str, Sequence[int]],
+    prompt: Prompt,
     *,
     system: Optional[str] = None,
     chat_template: bool = True,
     enable_thinking: Optional[bool] = None,
 ) -> List[int]:
-    if not isinstance(prompt, str):
+    """Token ids for `prompt`: text (one user message), a chat history (a
+    list of {"role", "content"} dicts) or token ids (used as they are)."""
+    is_chat = isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], dict)
+    if not isinstance(prompt, str) and not is_chat:
         return [int(t) for t in prompt]
+    if is_chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a chat history needs a tokenizer with a chat template")
     if chat_template and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}
-        ]
+        messages = ([{"role": "system", "content": system}] if system else []) + (
+            list(prompt) if is_chat else [{"role": "user", "content": prompt}]
+        )
         extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         text = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False, **extra
@@ -148,7 +156,7 @@ class _StopMatcher:
 def stream_generate(
     model: SpeculativeModel,
     tokenizer: TokenizerWrapper,
-    prompt: Union[str, Sequence[int]],
+    prompt: Prompt,
     *,
     num_draft: Optional[int] = None,
     max_tokens: int = 256,
@@ -162,11 +170,14 @@ def stream_generate(
     enable_thinking: Optional[bool] = None,
     stop: Sequence[str] = (),
     max_context: Optional[int] = None,
+    prompt_cache: Optional[PromptCache] = None,
 ) -> Iterator[GenerationResponse]:
     """Generate and yield one `GenerationResponse` per target pass.
 
-    `prompt` is text (the chat template is applied unless chat_template=False)
-    or a list of token ids used as is."""
+    `prompt` is text (the chat template is applied unless chat_template=False),
+    a chat history (list of {"role", "content"} dicts), or token ids used as
+    is. Pass the same `PromptCache` across calls (chat turns) to pre-fill only
+    what is new since the previous call."""
     params = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     prompt_tokens = build_prompt(
         tokenizer, prompt, system=system, chat_template=chat_template, enable_thinking=enable_thinking
@@ -188,6 +199,7 @@ def stream_generate(
         seed=seed,
         max_context=max_context,
         stats=stats,
+        prompt_cache=prompt_cache,
     )
     finalized = False
     for cycle in cycles:
@@ -221,7 +233,7 @@ def stream_generate(
 def generate(
     model: SpeculativeModel,
     tokenizer: TokenizerWrapper,
-    prompt: Union[str, Sequence[int]],
+    prompt: Prompt,
     **options: Any,
 ) -> str:
     """Generate and return the whole text. Options as for `stream_generate`."""
