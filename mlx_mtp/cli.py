@@ -83,6 +83,24 @@ class _Finite(click.ParamType):
         return f"{lo}x{hi}"
 
 
+class _DrafterArg(click.ParamType):
+    """auto / none / mtp, or something that can name a drafter model: an
+    existing path or an owner/name repo id (anything else is a typo)."""
+
+    name = "drafter"
+
+    def convert(self, value, param, ctx):
+        import re
+        from pathlib import Path
+
+        value = str(value)
+        if value in ("auto", "none", "mtp") or Path(value).expanduser().exists():
+            return value
+        if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", value):
+            return value
+        self.fail(f"{value!r} is not auto, none, mtp, a drafter directory or a repo id", param, ctx)
+
+
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlx-mtp", prog_name="mlx-mtp")
 def main() -> None:
@@ -91,10 +109,12 @@ def main() -> None:
 
 @main.command()
 @click.argument("prompt", required=False)
-@click.option("-m", "--model", "model_path", required=True, metavar="PATH_OR_REPO",
-              help="Local model directory or Hugging Face repo id.")
-@click.option("--drafter", type=click.Choice(["auto", "none", "mtp"]), default="auto", show_default=True,
-              help="auto: the MTP head when there is one, else plain decoding; mtp: require it; none: plain decoding.")
+@click.option("-m", "--model", "model_path", default=None, metavar="PATH_OR_REPO",
+              help="Local model directory, Hugging Face repo id, or a bundled demo "
+                   "(demo-qwen, demo-gemma, tiny-qwen35). Default: the bundled demo.")
+@click.option("--drafter", type=_DrafterArg(), default="auto", show_default=True, metavar="auto|none|mtp|PATH_OR_REPO",
+              help="auto: the MTP head when there is one, else plain decoding; mtp: require it; none: plain "
+                   "decoding; a directory or repo id: a separate drafter model (Gemma 4 assistant).")
 @click.option("-k", "--num-draft", type=click.IntRange(min=0), default=None,
               help="Tokens drafted per cycle (default: the drafter's default; 0: plain decoding).")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
@@ -137,6 +157,7 @@ def generate(
 ) -> None:
     """Generate from PROMPT (or stdin, when PROMPT is '-' or left out)."""
     prompt = _read_prompt(prompt)
+    model_path = model_path or _default_model()
     try:
         _generate(
             prompt, model_path, drafter, num_draft,
@@ -148,6 +169,12 @@ def generate(
     except KeyboardInterrupt:  # while loading: nothing to report
         click.echo(file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _default_model() -> str:
+    from .defaults import default_model
+
+    return default_model()
 
 
 def _read_prompt(prompt: Optional[str]) -> str:
@@ -314,6 +341,113 @@ def format_stats(stats) -> str:
     if stats.finish_reason and stats.finish_reason != "length":
         parts.append(f"finish {stats.finish_reason}")
     return " | ".join(parts)
+
+
+
+def _draft_lengths(ctx, param, value: str) -> List[int]:
+    try:
+        ks = sorted({int(x) for x in value.split(",") if x.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected draft lengths like 1,2,3") from None
+    if not ks or any(k < 0 for k in ks):
+        raise click.BadParameter(f"{value!r}: expected non-negative draft lengths like 1,2,3")
+    return ks
+
+
+@main.command()
+@click.option("-m", "--model", "models", multiple=True, metavar="PATH_OR_REPO",
+              help="Model to benchmark (repeatable). Default: the bundled demo models.")
+@click.option("-k", "--num-draft", "num_drafts", default="1,2,3,4", show_default=True, callback=_draft_lengths,
+              help="Draft lengths to compare with the k=0 baseline, comma-separated.")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=192, show_default=True)
+@click.option("--temp", type=_Finite(lo=0.0), default=0.0, show_default=True,
+              help="Sampling temperature (0: greedy, and the lossless check runs).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON lines with a \"prompt\" (and \"category\") per line. Default: the bundled suite.")
+@click.option("--json-out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write every figure to this JSON file.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Save a PNG of tok/s and speedup per category and mode (needs matplotlib).")
+def bench(models, num_drafts, max_tokens, temp, seed, prompts_file, json_out, plot_file) -> None:
+    """Compare plain decoding with drafting, prompt by prompt."""
+    from . import bench as bench_mod
+    from .defaults import DEFAULT_MODEL_ORDER, demo_model_path
+
+    try:
+        prompts = bench_mod.load_prompts(prompts_file)
+    except (OSError, ValueError) as e:
+        _fail(e)
+    if not models:
+        models = [name for name in ("demo-qwen", "demo-gemma") if demo_model_path(name)] or [DEFAULT_MODEL_ORDER[-1]]
+    reports = []
+    failed = False
+    for model_path in models:
+        model, tokenizer = _load_or_fail(model_path, "auto")
+        try:
+            report = bench_mod.run_bench(model, tokenizer, num_drafts=num_drafts, prompts=prompts,
+                                         max_tokens=max_tokens, temp=temp, seed=seed, echo=click.echo)
+        except ValueError as e:
+            _fail(e)
+        failed |= bool(report["lossless_mismatches"])
+        reports.append(report)
+        click.echo("")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(reports if len(reports) > 1 else reports[0], f, indent=1)
+        click.echo(f"wrote {json_out}", err=True)
+    if plot_file:
+        try:
+            bench_mod.plot(reports[0], plot_file)
+        except RuntimeError as e:
+            _fail(e)
+        click.echo(f"wrote {plot_file}", err=True)
+    if failed:
+        sys.exit(EXIT_ERROR)
+
+
+def _load_or_fail(model_path: str, drafter: str):
+    try:
+        return _load(model_path, drafter)
+    except _runtime_errors() as e:
+        _fail(e)
+    except (OSError, ValueError) as e:
+        _fail(e, prefix=f"cannot load {model_path}: ")
+
+
+@main.command()
+@click.option("-m", "--model", "model_path", default=None, metavar="PATH_OR_REPO",
+              help="Local model directory or Hugging Face repo id. Default: the bundled demo model.")
+@click.option("--drafter", default="auto", show_default=True, metavar="auto|none|mtp|PATH",
+              help="auto: the MTP head when there is one; mtp: require it; none: plain decoding; "
+                   "or a separate drafter model.")
+@click.option("-k", "--num-draft", type=click.IntRange(min=0, max=16), default=None,
+              help="Tokens drafted per cycle (default: the drafter's; 0: plain decoding). /draft N changes it.")
+@click.option("--temp", type=_Finite(lo=0.0), default=0.0, show_default=True,
+              help="Sampling temperature (0: greedy). /temp T changes it.")
+@click.option("--top-p", type=_Finite(lo=0.0, hi=1.0, lo_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--min-p", type=_Finite(lo=0.0, hi=1.0), default=0.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--system", default=None, help="System message. /system TEXT changes it.")
+@click.option("--thinking/--no-thinking", "enable_thinking", default=None,
+              help="The chat template's thinking mode (default: the template's). /think on|off changes it.")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Most tokens per answer.")
+@click.option("--markdown", is_flag=True, help="Start in the Markdown view instead of the draft view (F2 toggles).")
+@click.option("--max-context", type=click.IntRange(min=2), default=None, hidden=True,
+              help="Override the model's context length.")
+def chat(model_path: Optional[str], drafter: str, num_draft: Optional[int], temp: float, top_p: float,
+         top_k: int, min_p: float, seed: Optional[int], system: Optional[str], enable_thinking: Optional[bool],
+         max_tokens: int, markdown: bool, max_context: Optional[int]) -> None:
+    """Chat in the terminal, with drafted tokens shown as they are accepted."""
+    try:
+        from apps.chat.app import run
+    except ImportError as e:  # textual missing, or apps/ not installed
+        _fail(e, prefix="the chat app cannot start: ")
+    run(model_path, drafter=drafter, num_draft=num_draft, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        seed=seed, system=system, enable_thinking=enable_thinking, max_tokens=max_tokens,
+        max_context=max_context, show_drafts=not markdown)
 
 
 if __name__ == "__main__":

@@ -245,8 +245,12 @@ def test_bad_flags(tiny_model_dir, args, fragment):
     assert_error(run("generate", "-m", tiny_model_dir, "hi", *args), 2, fragment)
 
 
-def test_missing_model_flag():
-    assert_error(run("generate", "hi"), 2, "--model")
+def test_default_model_is_the_bundled_demo():
+    # No -m: the bundled demo model, offline, with drafting on.
+    result = run("generate", "def fibonacci(n):", "-n", 8, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["stats"]["drafter"] == "mtp" and out["stats"]["generated_tokens"] > 0
 
 
 def test_empty_stdin(tiny_model_dir):

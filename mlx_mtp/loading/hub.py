@@ -18,6 +18,11 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def resolve_model_path(path_or_repo: str, revision: str | None = None) -> Path:
+    from ..defaults import demo_model_path
+
+    demo = demo_model_path(str(path_or_repo))
+    if demo is not None:  # a bundled demo model by name
+        return demo
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -1,0 +1,259 @@
+"""`mlx-mtp bench`: how much faster is drafting, on this machine, per kind of prompt?
+
+Baseline (k=0) and every requested draft length run in one process,
+interleaved prompt by prompt after a warm-up, so machine drift cancels.
+At temperature 0 every mode must reproduce the baseline's tokens exactly;
+a mismatch is reported loudly (and makes the command exit non-zero).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+
+from .defaults import prompt_suite
+from .api import SpeculativeModel, build_prompt, stream_generate
+from .engine import PromptCache, decode
+from .models.rollback import rollback, set_recording
+from .sampling import SamplingParams
+
+def load_prompts(path: Optional[Path] = None) -> List[Dict[str, str]]:
+    """JSON lines with "prompt" and optionally "category"."""
+    path = Path(path) if path else prompt_suite()
+    prompts = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                prompts.append({"category": str(item.get("category", f"prompt{i}")), "prompt": str(item["prompt"])})
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{path}:{i}: expected a JSON object with a \"prompt\" field") from e
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def backend_description() -> str:
+    """Which regime the figures come from: Metal, CUDA, or CPU and its BLAS."""
+    device = mx.default_device()
+    if device.type == mx.gpu:
+        if mx.metal.is_available():
+            return "Metal GPU"
+        return "CUDA GPU" if hasattr(mx, "cuda") and mx.cuda.is_available() else "GPU"
+    blas = "reference BLAS (compute-bound: a k+1-token verify costs more than one token)"
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split("/")[-1].strip() for line in f if "blas" in line.lower()}
+        tuned = sorted(lib for lib in libs if "openblas" in lib or "mkl" in lib)
+        if tuned:
+            blas = f"{tuned[0]} (bandwidth-bound regime, like a Mac GPU)"
+    except OSError:
+        blas = "unknown BLAS"
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores), {blas}"
+
+
+def _time(fn: Callable[[], None], repeats: int = 10) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def draft_step_cost(model: SpeculativeModel, prompt_tokens: Sequence[int], k: int) -> float:
+    """c: the cost of one draft step relative to one target decode step, in
+    the state left by a short real generation."""
+    target, drafter = model.target, model.drafter
+    state = PromptCache()
+    for _ in decode(target, prompt_tokens, drafter=drafter, num_draft=k, max_tokens=8, prompt_cache=state):
+        pass
+    cache, token = state.cache, mx.array([[state.tokens[-1]]])
+
+    def target_step():
+        set_recording(cache, True)
+        hidden = target.hidden(token, cache)
+        set_recording(cache, False)
+        mx.eval(target.logits(hidden))
+        rollback(cache, 1, 0)
+
+    def draft_steps():
+        tokens, _ = drafter.draft(k, SamplingParams(), None)
+        mx.eval(tokens)
+        drafter.rewind(0)
+
+    return _time(draft_steps) / k / _time(target_step)
+
+
+def ideal_speedup(tokens_per_pass: float, k: int, c: float) -> float:
+    """(1 - a^(k+1)) / ((1 - a)(1 + k c)); the numerator is the expected
+    tokens per pass, for which we use the measured value."""
+    return tokens_per_pass / (1 + k * c)
+
+
+@dataclass
+class Run:
+    category: str
+    k: int
+    tokens: List[int]
+    stats: Dict[str, Any]
+
+
+@dataclass
+class ModeSummary:
+    k: int
+    runs: List[Run] = field(default_factory=list)
+
+    def aggregate(self) -> Dict[str, Any]:
+        predicted = sum(r.stats["generated_tokens"] for r in self.runs)
+        drafted = sum(r.stats["draft_tokens"] for r in self.runs)
+        accepted = sum(r.stats["accepted_tokens"] for r in self.runs)
+        return {
+            "n_requests": len(self.runs),
+            "total_predicted": predicted,
+            "total_draft": drafted,
+            "total_draft_accepted": accepted,
+            "aggregate_accept_rate": round(accepted / drafted, 4) if drafted else 0.0,
+            "wall_s_total": round(sum(r.stats["prefill_s"] + r.stats["decode_s"] for r in self.runs), 3),
+        }
+
+
+def run_bench(
+    model: SpeculativeModel,
+    tokenizer,
+    *,
+    num_drafts: Sequence[int],
+    prompts: List[Dict[str, str]],
+    max_tokens: int = 192,
+    temp: float = 0.0,
+    seed: int = 0,
+    echo: Callable[[str], None] = print,
+) -> Dict[str, Any]:
+    modes = [0] + [k for k in num_drafts if k > 0]
+    if model.drafter is None and len(modes) > 1:
+        raise ValueError(f"this model has no drafter ({model.drafter_note}); only the baseline can run")
+    echo(f"backend: {backend_description()}")
+    echo(f"model: {model.path}  drafter: {model.drafter.name if model.drafter else 'none'}  "
+         f"modes: {', '.join(f'k={k}' for k in modes)}  max_tokens={max_tokens} temp={temp} seed={seed}")
+
+    def generate(prompt: str, k: int, n: int) -> Run:
+        tokens: List[int] = []
+        stats = None
+        for r in stream_generate(model, tokenizer, prompt, num_draft=k, max_tokens=n, temp=temp, seed=seed):
+            tokens += r.tokens
+            stats = r.stats
+        return Run("", k, tokens, stats.to_dict())
+
+    for k in modes:  # warm-up: compile and allocate every path once
+        generate(prompts[0]["prompt"], k, 16)
+
+    costs = {}
+    if model.drafter is not None:
+        first = build_prompt(tokenizer, prompts[0]["prompt"])
+        costs = {k: draft_step_cost(model, first, k) for k in modes if k}
+        echo("draft step cost c (vs one target step): " + ", ".join(f"k={k}: {c:.3f}" for k, c in costs.items()))
+
+    summaries = {k: ModeSummary(k) for k in modes}
+    mismatches = []
+    echo("")
+    for item in prompts:
+        baseline = None
+        for k in modes:
+            run = generate(item["prompt"], k, max_tokens)
+            run.category = item["category"]
+            summaries[k].runs.append(run)
+            s = run.stats
+            echo(
+                f"{item['category']:<18} k={k}  pred={s['generated_tokens']:<4} draft={s['draft_tokens']:<4} "
+                f"acc={s['accepted_tokens']:<4} rate={s['acceptance_rate']:.3f} "
+                f"tok/pass={s['tokens_per_pass']:.2f} tok/s={s['decode_tokens_per_s']:.1f} "
+                f"prefill={s['prefill_tokens_per_s']:.0f} tok/s"
+            )
+            if k == 0:
+                baseline = run
+            elif temp == 0 and run.tokens != baseline.tokens:
+                mismatches.append((item["category"], k))
+                echo(f"!!! LOSSLESS CHECK FAILED: {item['category']} k={k} differs from the baseline")
+
+    base_runs = summaries[0].runs
+    report: Dict[str, Any] = {"backend": backend_description(), "model": str(model.path), "temp": temp,
+                              "max_tokens": max_tokens, "modes": {}, "lossless_mismatches": mismatches}
+    echo("")
+    for k in modes:
+        summary = summaries[k]
+        agg = summary.aggregate()
+        entry: Dict[str, Any] = {"aggregate": agg, "runs": [r.__dict__ for r in summary.runs]}
+        echo(f"== k={k} " + json.dumps(agg))
+        prefill = statistics.mean(r.stats["prefill_tokens_per_s"] for r in summary.runs)
+        if k:
+            ratios = [
+                r.stats["decode_tokens_per_s"] / b.stats["decode_tokens_per_s"]
+                for r, b in zip(summary.runs, base_runs)
+                if b.stats["decode_tokens_per_s"] > 0
+            ]
+            tpp = (agg["total_predicted"] - agg["n_requests"]) / max(
+                1, sum(r.stats["target_passes"] for r in summary.runs)
+            )
+            ideal = ideal_speedup(tpp, k, costs[k])
+            mean = statistics.mean(ratios) if ratios else 0.0
+            spread = statistics.pstdev(ratios) if len(ratios) > 1 else 0.0
+            base_prefill = statistics.mean(r.stats["prefill_tokens_per_s"] for r in base_runs)
+            entry.update(speedup=mean, speedup_min=min(ratios, default=0), speedup_max=max(ratios, default=0),
+                         speedup_std=spread, tokens_per_pass=tpp, draft_step_cost=costs[k], ideal_speedup=ideal,
+                         measured_over_ideal=mean / ideal if ideal else 0.0,
+                         prefill_tokens_per_s=prefill, prefill_vs_baseline=prefill / base_prefill if base_prefill else 0.0)
+            echo(
+                f"   speedup {mean:.2f}x (min {min(ratios, default=0):.2f}, max {max(ratios, default=0):.2f}, "
+                f"sd {spread:.2f})  tokens/pass {tpp:.2f}  ideal {ideal:.2f}x (c={costs[k]:.3f})  "
+                f"measured/ideal {mean / ideal if ideal else 0:.2f}  prefill {prefill:.0f} tok/s "
+                f"({entry['prefill_vs_baseline']:.2f}x of drafting off)"
+            )
+        else:
+            entry.update(prefill_tokens_per_s=prefill)
+            echo(f"   baseline decode {statistics.mean(r.stats['decode_tokens_per_s'] for r in summary.runs):.1f} tok/s"
+                 f"  prefill {prefill:.0f} tok/s")
+        report["modes"][str(k)] = entry
+    if mismatches:
+        echo(f"!!! LOSSLESS CHECK FAILED for {len(mismatches)} prompt/mode pairs: {mismatches}")
+    elif temp == 0:
+        echo("lossless check: every mode reproduced the baseline tokens exactly")
+    return report
+
+
+def plot(report: Dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib: pip install 'mlx-mtp[plot]'") from e
+    modes = report["modes"]
+    categories = [r["category"] for r in modes["0"]["runs"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(modes)
+    for i, (k, entry) in enumerate(modes.items()):
+        xs = [j + i * width for j in range(len(categories))]
+        ax1.bar(xs, [r["stats"]["decode_tokens_per_s"] for r in entry["runs"]], width, label=f"k={k}")
+        if k != "0":
+            base = modes["0"]["runs"]
+            ax2.bar(xs, [r["stats"]["decode_tokens_per_s"] / max(b["stats"]["decode_tokens_per_s"], 1e-9)
+                         for r, b in zip(entry["runs"], base)], width, label=f"k={k}")
+    for ax, title in ((ax1, "decode tok/s"), (ax2, "speedup over k=0")):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(categories))], categories, rotation=35, ha="right")
+        ax.set_title(title)
+        ax.legend()
+    ax2.axhline(1.0, color="gray", lw=0.8)
+    fig.suptitle(f"{Path(report['model']).name} - {report['backend']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

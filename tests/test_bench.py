@@ -1,0 +1,53 @@
+"""`mlx-mtp bench` on a tiny model: tables, aggregate JSON, lossless check."""
+
+import json
+
+from click.testing import CliRunner
+
+from mlx_mtp.bench import ideal_speedup, load_prompts
+from mlx_mtp.cli import main
+
+
+def test_bundled_prompt_suite_has_the_nine_categories():
+    categories = [p["category"] for p in load_prompts()]
+    assert categories == [
+        "code_python", "code_cpp", "explain_concept", "summarize", "qa_factual",
+        "translation", "creative_short", "stepwise_math", "long_code_review",
+    ]
+
+
+def test_ideal_speedup_formula():
+    # a = 0.8, k = 3: expected tokens per pass (1 - a^4) / (1 - a) = 2.952
+    tpp = (1 - 0.8**4) / (1 - 0.8)
+    assert abs(ideal_speedup(tpp, 3, 0.1) - tpp / 1.3) < 1e-12
+
+
+def test_bench_runs_modes_and_checks_losslessness(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"category": "code", "prompt": "def f(x):"}\n{"category": "chat", "prompt": "hello"}\n')
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        main, ["bench", "-m", str(tiny_model_dir), "-k", "1,2", "-n", "12", "--prompts", str(prompts),
+               "--json-out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "backend: CPU" in result.output
+    assert "lossless check: every mode reproduced the baseline tokens exactly" in result.output
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"0", "1", "2"}
+    for k in ("1", "2"):
+        mode = report["modes"][k]
+        agg = mode["aggregate"]
+        assert set(agg) == {"n_requests", "total_predicted", "total_draft", "total_draft_accepted",
+                            "aggregate_accept_rate", "wall_s_total"}
+        assert agg["n_requests"] == 2 and agg["total_draft"] > 0
+        assert mode["ideal_speedup"] > 0 and mode["measured_over_ideal"] > 0
+    base = [r["tokens"] for r in report["modes"]["0"]["runs"]]
+    assert [r["tokens"] for r in report["modes"]["2"]["runs"]] == base
+
+
+def test_bench_bad_prompt_file(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    result = CliRunner().invoke(main, ["bench", "--prompts", str(bad)])
+    assert result.exit_code == 1 and "error:" in result.output and "Traceback" not in result.output
