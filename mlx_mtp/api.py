@@ -40,13 +40,14 @@ class SpeculativeModel:
 
 
 def make_drafter(target: nn.Module, drafter: str = "auto") -> tuple[Optional[Drafter], Optional[str]]:
-    """Pick the drafter for `target`. Returns (drafter, note)."""
+    """Pick the drafter for `target`. Returns (drafter, note).
+
+    drafter: "auto", "mtp", "none", or the directory / repo id of a separate
+    drafter model (a Gemma 4 assistant)."""
     if drafter == "none":
         return None, "drafting disabled (--drafter none)"
     if drafter not in ("auto", "mtp"):
-        raise DrafterUnavailableError(
-            f"unknown drafter {drafter!r}: use auto, none or mtp"
-        )
+        return _load_drafter_model(target, str(drafter)), None
     if getattr(target, "has_mtp", False):
         return MTPDrafter(target), None
     problem = getattr(target, "mtp_problem", None) or "the model has no MTP head"
@@ -54,6 +55,19 @@ def make_drafter(target: nn.Module, drafter: str = "auto") -> tuple[Optional[Dra
         raise DrafterUnavailableError(f"cannot draft with the MTP head: {problem}. Use --drafter none for plain decoding.")
     warnings.warn(f"{problem}; falling back to plain decoding", stacklevel=2)
     return None, f"{problem}; plain decoding"
+
+
+def _load_drafter_model(target: nn.Module, path_or_repo: str) -> Drafter:
+    from .drafters.gemma4_assistant import load_assistant_drafter
+    from .loading import ModelNotFoundError
+    from .models.gemma4_assistant import AssistantError
+
+    try:
+        return load_assistant_drafter(path_or_repo, target)
+    except ModelNotFoundError as e:
+        raise DrafterUnavailableError(f"drafter {path_or_repo!r}: {e}") from e
+    except AssistantError as e:
+        raise DrafterUnavailableError(str(e)) from e
 
 
 def load(
@@ -66,8 +80,17 @@ def load(
     """Load a target and its drafter from a local directory or a HF repo id.
 
     drafter: "auto" (use the MTP head when there is one, else plain decoding
-    with a warning), "mtp" (require it), or "none".
+    with a warning), "mtp" (require it), "none", or the directory / repo id
+    of a Gemma 4 assistant drafter for a Gemma 4 target.
     """
+    from .loading.gguf import is_gguf
+
+    if is_gguf(path_or_repo):  # one file: weights, config and tokenizer
+        from .loading.gguf import load_gguf
+
+        target, config, tokenizer = load_gguf(path_or_repo, lazy=lazy)
+        chosen, note = make_drafter(target, drafter)
+        return SpeculativeModel(target, chosen, config, Path(path_or_repo), note), tokenizer
     path = resolve_model_path(str(path_or_repo), revision=revision)
     target, config = load_target(path, lazy=lazy)
     if not any(any(path.glob(p)) for p in TOKENIZER_FILES):

@@ -417,7 +417,7 @@ def _load_or_fail(model_path: str, drafter: str):
 
 @main.command()
 @click.option("-m", "--model", "model_path", default=None, metavar="PATH_OR_REPO",
-              help="Local model directory or Hugging Face repo id. Default: the bundled demo model.")
+              help="Local model directory, .gguf file or Hugging Face repo id. Default: the bundled demo model.")
 @click.option("--drafter", default="auto", show_default=True, metavar="auto|none|mtp|PATH",
               help="auto: the MTP head when there is one; mtp: require it; none: plain decoding; "
                    "or a separate drafter model.")
@@ -448,6 +448,92 @@ def chat(model_path: Optional[str], drafter: str, num_draft: Optional[int], temp
     run(model_path, drafter=drafter, num_draft=num_draft, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
         seed=seed, system=system, enable_thinking=enable_thinking, max_tokens=max_tokens,
         max_context=max_context, show_drafts=not markdown)
+
+
+# --- checkpoints: convert / graft / inspect (issue #4) -------------------------
+
+
+def _checkpoint_errors() -> tuple:
+    from .loading import CheckpointError, ModelNotFoundError
+
+    return (CheckpointError, ModelNotFoundError, ValueError, OSError)
+
+
+@main.command()
+@click.argument("src", metavar="SRC")
+@click.option("-o", "--output", "out", required=True, metavar="DIR", help="Output directory (new or empty).")
+@click.option("--bits", type=click.IntRange(2, 8), default=None, help="Quantize the trunk to this many bits.")
+@click.option("--group-size", type=click.Choice(["16", "32", "64", "128"]), default=None,
+              help="Quantization group size (default: the mode's).")
+@click.option("--mode", type=click.Choice(["affine", "mxfp4", "nvfp4", "mxfp8"]), default=None,
+              help="Quantization mode (default affine when --bits is given).")
+@click.option("--mtp-bits", type=click.IntRange(2, 8), default=None,
+              help="Quantize the MTP head to this many bits (default: 8 inside a trunk below 8 bits).")
+@click.option("--mtp-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Keep the MTP head in float at this dtype.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Float dtype of unquantized tensors (default: as stored).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def convert(src: str, out: str, bits: Optional[int], group_size: Optional[str], mode: Optional[str],
+            mtp_bits: Optional[int], mtp_dtype: Optional[str], dtype: Optional[str], quiet: bool) -> None:
+    """Convert SRC (HF repo / directory or a .gguf file) to an MLX checkpoint
+    that keeps its MTP head."""
+    from .loading.convert import convert as run_convert
+
+    if mtp_bits is not None and mtp_dtype is not None:
+        raise click.UsageError("give --mtp-bits or --mtp-dtype, not both")
+    try:
+        config = run_convert(src, out, bits=bits, group_size=int(group_size) if group_size else None, mode=mode,
+                             mtp_bits=mtp_bits, mtp_dtype=mtp_dtype, dtype=dtype, progress=not quiet)
+    except _checkpoint_errors() as e:
+        _fail(e)
+    text = config.get("text_config", config)
+    heads = int(text.get("mtp_num_hidden_layers", 0) or 0)
+    click.echo(f"wrote {out} ({config.get('model_type')}, MTP head: {heads} layer(s))", err=True)
+
+
+@main.command()
+@click.option("--from", "src", required=True, metavar="PATH_OR_REPO",
+              help="Original HF checkpoint (directory or repo id) that has the mtp.* head.")
+@click.option("--into", "into", required=True, metavar="DIR", help="MLX checkpoint that lacks the head (modified in place).")
+@click.option("--bits", type=click.IntRange(2, 8), default=None,
+              help="Quantize the head to this many bits (default: 8 in a quantized model, else float).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None, help="Group size for --bits.")
+@click.option("--mtp-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Keep the head in float at this dtype.")
+@click.option("--force", is_flag=True, help="Replace a head that is already there.")
+def graft(src: str, into: str, bits: Optional[int], group_size: Optional[str], mtp_dtype: Optional[str],
+          force: bool) -> None:
+    """Copy the MTP head from an original HF checkpoint into an MLX quant."""
+    from .loading.graft import graft as run_graft
+
+    if bits is not None and mtp_dtype is not None:
+        raise click.UsageError("give --bits or --mtp-dtype, not both")
+    try:
+        summary = run_graft(src, into, bits=bits, group_size=int(group_size) if group_size else None,
+                            mtp_dtype=mtp_dtype, force=force)
+    except _checkpoint_errors() as e:
+        _fail(e)
+    click.echo(f"grafted {summary['tensors']} head tensors ({summary['precision']}) from "
+               f"{', '.join(summary['shards'])} into {into}", err=True)
+
+
+@main.command(name="inspect")
+@click.argument("path", metavar="PATH")
+@click.option("--drafter", default=None, metavar="auto|none|mtp|PATH", help="Check compatibility with this drafter.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect_cmd(path: str, drafter: Optional[str], as_json: bool) -> None:
+    """Report a checkpoint's architecture, size, quantization and drafter."""
+    from .loading.inspect import format_report, inspect_path
+
+    try:
+        report = inspect_path(path, drafter)
+    except _checkpoint_errors() as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        click.echo(format_report(report))
 
 
 if __name__ == "__main__":

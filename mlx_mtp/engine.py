@@ -194,6 +194,8 @@ def decode(
         begin, prev_hidden = 0, None
         if drafter is not None:
             drafter.reset()
+    if drafter is not None:
+        drafter.bind(model, cache)
     stats.prefilled_tokens = len(prompt) - begin
     first = None
     for start in range(begin, len(prompt), prefill_step_size):

@@ -1,6 +1,6 @@
 """The small interface every drafter kind implements.
 
-The engine drives a drafter with three calls per sequence:
+The engine drives a drafter with these calls per sequence:
 
 - `observe(next_tokens, hidden)`: the target has produced post-norm hidden
   states `hidden` [1, L, H]; `next_tokens` [L] are the tokens that follow each
@@ -10,6 +10,7 @@ The engine drives a drafter with three calls per sequence:
 - `draft(k, params, key)`: propose k tokens. Returns lazy `tokens` [k] and,
   when sampling, their draft distributions [k, V] for rejection sampling.
 - `reset()`: forget the sequence; `rewind(n)`: forget its newest n positions.
+- `bind(target, cache)`: the target and the cache this sequence uses.
 
 After `draft`, the engine always calls `observe` with the verified outcome
 before drafting again, so a drafter can discard its speculative state there.
@@ -36,6 +37,11 @@ class Drafter(ABC):
 
     @abstractmethod
     def observe(self, next_tokens: mx.array, hidden: mx.array) -> None: ...
+
+    def bind(self, target, cache: List) -> None:
+        """Called by `decode` once its target cache exists (fresh or reused).
+        Drafters that read the target's KV (the Gemma 4 assistant) keep it;
+        the default ignores it."""
 
     def rewind(self, num_positions: int) -> None:
         """Forget the newest `num_positions` observed positions (prompt-cache

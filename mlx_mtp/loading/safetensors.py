@@ -13,7 +13,7 @@ from typing import Any, Dict, Tuple
 import mlx.nn as nn
 from mlx_lm.utils import load_model
 
-from ..models import qwen3_5
+from ..models import gemma4, qwen3_5
 
 # model_type -> our class. `*_text` are text-only configs (no text_config nesting).
 MODEL_CLASSES = {
@@ -21,6 +21,13 @@ MODEL_CLASSES = {
     "qwen3_5_text": qwen3_5.Model,
     "qwen3_5_moe": qwen3_5.MoeModel,
     "qwen3_5_moe_text": qwen3_5.MoeModel,
+    "gemma4": gemma4.Model,
+    "gemma4_text": gemma4.TextModel,
+}
+# model_type -> its ModelArgs where that is not Qwen3.5's.
+MODEL_ARGS = {
+    "gemma4": gemma4.ModelArgs,
+    "gemma4_text": gemma4.TextModelArgs,
 }
 
 
@@ -43,7 +50,7 @@ def _model_classes(config: Dict[str, Any]):
             f"model type {model_type!r} is not supported "
             f"(supported: {', '.join(sorted(MODEL_CLASSES))})"
         )
-    return MODEL_CLASSES[model_type], qwen3_5.ModelArgs
+    return MODEL_CLASSES[model_type], MODEL_ARGS.get(model_type, qwen3_5.ModelArgs)
 
 
 def load_target(path: Path, lazy: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:

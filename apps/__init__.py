@@ -1,0 +1,1 @@
+"""Applications built on mlx_mtp (the `mlx-mtp chat` TUI)."""

@@ -1,0 +1,362 @@
+"""`mlx-mtp convert`: HF checkpoints and GGUF files -> MLX checkpoints in
+mlx-lm's layout that keep the MTP head.
+
+The output loads in mlx-mtp with its drafter, and plain `mlx_lm.load` loads
+the trunk (mlx-lm drops `mtp.*` itself). Heads can stay at a higher
+precision than the trunk: they are recorded as per-layer overrides in
+`config.json`'s "quantization" (a dict for a quantized layer, `false` for
+one kept in float).
+
+Memory: safetensors are opened lazily (`mx.load` reads a tensor only when it
+is evaluated) and GGUF tensors are converted one at a time from the memory
+map; converted tensors are written out shard by shard, so the peak is about
+one output shard, not the model plus its copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .safetensors import MODEL_CLASSES, CheckpointError, read_config
+
+MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
+MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+TOKENIZER_GLOBS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "*.tiktoken", "*.jinja", "generation_config.json",
+                   "chat_template.json")
+SHARD_BYTES = 5 << 30
+
+
+def quant_params(mode: str, bits: Optional[int], group_size: Optional[int]) -> Dict[str, Any]:
+    """Validated (group_size, bits, mode) with mlx-lm's per-mode defaults."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r} (use one of {', '.join(MODES)})")
+    g, b = MODE_DEFAULTS[mode]
+    group_size, bits = group_size or g, bits or b
+    if mode == "affine":
+        if bits not in (2, 3, 4, 5, 6, 8):
+            raise ValueError(f"affine quantization takes 2-6 or 8 bits, not {bits}")
+        if group_size not in (32, 64, 128):
+            raise ValueError(f"affine quantization takes group sizes 32, 64 or 128, not {group_size}")
+    elif (group_size, bits) != (g, b):
+        raise ValueError(f"{mode} is fixed at {b} bits with groups of {g}")
+    return {"group_size": group_size, "bits": bits, "mode": mode}
+
+
+class ShardWriter:
+    """Writes tensors into model-XXXXX-of-YYYYY.safetensors files as they
+    come, then the index; keeps at most one shard in memory."""
+
+    def __init__(self, path: Path, max_bytes: int = SHARD_BYTES):
+        self.path, self.max_bytes = Path(path), max_bytes
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.pending: Dict[str, mx.array] = {}
+        self.pending_bytes = 0
+        self.files: list = []
+        self.weight_map: Dict[str, int] = {}
+        self.total = 0
+
+    def add(self, name: str, value: mx.array) -> None:
+        mx.eval(value)
+        if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = value
+        self.pending_bytes += value.nbytes
+        self.total += value.nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        i = len(self.files)
+        tmp = self.path / f"model-shard-{i:05d}.safetensors"
+        mx.save_safetensors(str(tmp), self.pending, metadata={"format": "mlx"})
+        self.files.append(tmp)
+        for k in self.pending:
+            self.weight_map[k] = i
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        n = len(self.files)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for tmp, name in zip(self.files, names):
+            tmp.rename(self.path / name)
+        index = {"metadata": {"total_size": self.total},
+                 "weight_map": {k: names[i] for k, i in sorted(self.weight_map.items())}}
+        with open(self.path / "model.safetensors.index.json", "w") as f:
+            json.dump(index, f, indent=4)
+
+
+def _model_args_class(model_type: str):
+    from ..models import qwen3_5
+    from . import safetensors as st
+
+    return getattr(st, "MODEL_ARGS", {}).get(model_type, qwen3_5.ModelArgs)
+
+
+def _build_lazy(config: Dict[str, Any]) -> nn.Module:
+    model_type = config.get("model_type")
+    if model_type not in MODEL_CLASSES:
+        raise CheckpointError(f"model type {model_type!r} is not supported (supported: {', '.join(sorted(MODEL_CLASSES))})")
+    return MODEL_CLASSES[model_type](_model_args_class(model_type).from_dict(copy.deepcopy(config)))
+
+
+def is_head(path: str) -> bool:
+    return path.startswith("mtp.")
+
+
+class Plan:
+    """Decides, per module, how a weight is stored in the output."""
+
+    def __init__(self, model: nn.Module, trunk: Optional[Dict[str, Any]], head: Union[Dict[str, Any], str, None],
+                 dtype: Optional[mx.Dtype], head_dtype: Optional[mx.Dtype]):
+        self.modules = dict(model.named_modules())
+        self.trunk, self.head = trunk, head
+        self.dtype, self.head_dtype = dtype, head_dtype
+        self.model_predicate = getattr(model, "quant_predicate", None)
+        self.cast_predicate = getattr(model, "cast_predicate", None) or (lambda p: True)
+        self.quantization: Dict[str, Any] = {}
+
+    def target(self, path: str) -> Union[Dict[str, Any], bool, None]:
+        """Quantization params for module `path`, False (float), None (not a matrix we touch)."""
+        module = self.modules.get(path)
+        if module is None or not hasattr(module, "to_quantized"):
+            return None
+        if is_head(path) and self.head is not None:
+            params = self.head
+        else:
+            params = self.trunk
+            if params and self.model_predicate is not None:
+                p = self.model_predicate(path, module)
+                params = p if isinstance(p, dict) else params if p else False
+        if not params or params == "float":
+            return False
+        if module.weight.shape[-1] % params["group_size"]:
+            return False
+        return dict(params)
+
+    def float_dtype(self, name: str) -> Optional[mx.Dtype]:
+        if not self.cast_predicate(name):
+            return None
+        if is_head(name) and self.head_dtype is not None:
+            return self.head_dtype
+        return self.dtype
+
+
+def _quantize(w: mx.array, params: Dict[str, Any], dtype: Optional[mx.Dtype]) -> Dict[str, mx.array]:
+    if dtype is not None and params["mode"] == "affine":
+        w = w.astype(dtype)
+    elif not mx.issubdtype(w.dtype, mx.floating):
+        w = w.astype(mx.float32)
+    out = mx.quantize(w, group_size=params["group_size"], bits=params["bits"], mode=params["mode"])
+    result = {"weight": out[0], "scales": out[1]}
+    if len(out) > 2 and out[2] is not None:
+        result["biases"] = out[2]
+    return result
+
+
+def _module_groups(weights: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """Group `x.weight`, `x.scales`, `x.biases`, `x.bias` under module path x."""
+    groups: Dict[str, Dict[str, Any]] = {}
+    for name, value in weights.items():
+        path, _, leaf = name.rpartition(".")
+        groups.setdefault(path, {})[leaf] = value
+    return iter(groups.items())
+
+
+def write_weights(out: Path, tensors: Iterator[Tuple[str, Dict[str, Any]]], plan: Plan, total: int,
+                  progress: bool = True, max_shard_bytes: int = SHARD_BYTES) -> int:
+    """Stream (module path, {leaf: array | QuantTensor-like}) through `plan` into shards."""
+    from tqdm.auto import tqdm
+
+    writer = ShardWriter(out, max_shard_bytes)
+    count = 0
+    for path, leaves in tqdm(tensors, total=total, desc="converting", unit="tensor", disable=not progress):
+        target = plan.target(path)
+        already = "scales" in leaves
+        to_float = target is False and is_head(path) and plan.head == "float"
+        if already and (target is None or (target is False and not to_float) or target == leaves.get("_params")):
+            # keep the stored quantization (GGUF repacks, MLX quants)
+            params = leaves.pop("_params")
+            leaves.pop("_deq", None)
+            for leaf, v in leaves.items():
+                if leaf in ("scales", "biases") and v.dtype != mx.uint8 and plan.float_dtype(f"{path}.{leaf}") is not None:
+                    dt = plan.float_dtype(f"{path}.{leaf}")
+                    v = v.astype(dt)
+                writer.add(f"{path}.{leaf}", v)
+            plan.quantization[path] = params
+            count += 1
+            continue
+        leaves.pop("_params", None)
+        if already:  # requantize from the dequantized values
+            p = leaves.pop("_deq")
+            leaves = {k: v for k, v in leaves.items() if k not in ("scales", "biases")}
+            leaves["weight"] = p()
+        else:
+            leaves.pop("_deq", None)
+        if target:
+            dt = plan.head_dtype if is_head(path) and plan.head_dtype is not None else plan.dtype
+            for leaf, v in _quantize(leaves.pop("weight"), target, dt).items():
+                writer.add(f"{path}.{leaf}", v)
+            plan.quantization[path] = target
+        elif target is False and is_head(path):
+            plan.quantization[path] = False
+        for leaf, v in leaves.items():
+            name = f"{path}.{leaf}" if path else leaf
+            dt = plan.float_dtype(name)
+            if dt is not None and mx.issubdtype(v.dtype, mx.floating):
+                v = v.astype(dt)
+            writer.add(name, v)
+        count += 1
+    writer.close()
+    return count
+
+
+def _source_tensors_hf(path: Path, model: nn.Module) -> Tuple[Dict[str, Any], int]:
+    """All weights of an HF / MLX safetensors checkpoint, lazily, sanitized
+    into our module layout (norm shift, conv1d, experts as mlx-lm does)."""
+    files = sorted(glob.glob(str(path / "model*.safetensors")))
+    if not files:
+        raise CheckpointError(f"no model*.safetensors files in {path}")
+    weights: Dict[str, mx.array] = {}
+    for f in files:
+        try:
+            weights.update(mx.load(f))
+        except RuntimeError as e:
+            raise CheckpointError(f"{f}: cannot read (corrupt or truncated?): {e}") from e
+    weights = model.sanitize(weights)
+    return weights, len(files)
+
+
+def convert(
+    src: Union[str, Path],
+    out: Union[str, Path],
+    *,
+    bits: Optional[int] = None,
+    group_size: Optional[int] = None,
+    mode: Optional[str] = None,
+    mtp_bits: Optional[int] = None,
+    mtp_dtype: Optional[str] = None,
+    dtype: Optional[str] = None,
+    progress: bool = True,
+    max_shard_bytes: int = SHARD_BYTES,
+) -> Dict[str, Any]:
+    """Convert `src` (HF repo / directory, MLX directory or GGUF file) into an
+    MLX checkpoint at `out`. Returns the written config.
+
+    bits / group_size / mode quantize the trunk (nothing given: keep floats
+    and any stored quantization, GGUF repacks included). The head follows
+    mtp_bits (quantized, affine) or mtp_dtype (kept in float); by default a
+    head inside a trunk quantized below 8 bits stays at 8 bits."""
+    from .gguf import QuantTensor, is_gguf, mlx_weights, read_gguf, to_mx
+    from .hub import resolve_model_path
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty")
+    trunk = quant_params(mode or "affine", bits, group_size) if (bits or mode or group_size) else None
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    if mtp_dtype is not None and mtp_dtype not in DTYPES:
+        raise ValueError(f"unknown mtp dtype {mtp_dtype!r} (use {', '.join(DTYPES)})")
+    if mtp_bits is not None and mtp_dtype is not None:
+        raise ValueError("give either mtp_bits or mtp_dtype, not both")
+    head: Union[Dict[str, Any], str, None] = None
+    if mtp_bits is not None:
+        head = quant_params("affine", mtp_bits, group_size if trunk and trunk["mode"] == "affine" else 64)
+    elif mtp_dtype is not None:
+        head = "float"
+    elif trunk is not None and trunk["bits"] < 8:
+        head = quant_params("affine", 8, 64)
+
+    src_str = str(src)
+    tokenizer_source: Optional[Path] = None
+    if is_gguf(src_str):
+        ckpt = read_gguf(src_str)
+        config = copy.deepcopy(ckpt.config)
+        model = _build_lazy(config)
+        groups = _gguf_groups(ckpt, QuantTensor, to_mx)
+        total = len(ckpt.tensor_names())
+    else:
+        path = resolve_model_path(src_str)
+        tokenizer_source = path
+        config = read_config(path)
+        model = _build_lazy(config)
+        weights, _ = _source_tensors_hf(path, model)
+        stored_q = config.get("quantization") or {}
+        groups = _hf_groups(weights, stored_q, model)
+        total = len({k.rpartition(".")[0] for k in weights})
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    plan = Plan(model, trunk, head, DTYPES.get(dtype) if dtype else None, DTYPES.get(mtp_dtype) if mtp_dtype else None)
+    write_weights(out, groups, plan, total, progress=progress, max_shard_bytes=max_shard_bytes)
+
+    if plan.quantization:
+        defaults = trunk or _most_common(plan.quantization)
+        q = dict(defaults)
+        q.update({k: v for k, v in sorted(plan.quantization.items())})
+        config["quantization"] = q
+    if dtype:
+        config["torch_dtype"] = dtype
+    from mlx_lm.utils import save_config
+
+    save_config(config, out / "config.json")
+    if tokenizer_source is not None:
+        for pattern in TOKENIZER_GLOBS:
+            for f in glob.glob(str(tokenizer_source / pattern)):
+                shutil.copy(f, out)
+    else:
+        from .gguf import build_tokenizer
+
+        hf, _ = build_tokenizer(ckpt.meta)
+        hf.save_pretrained(str(out))
+    with open(out / "config.json") as f:
+        return json.load(f)
+
+
+def _most_common(layers: Dict[str, Any]) -> Dict[str, Any]:
+    from .gguf import quantization_config
+
+    dicts = {k: v for k, v in layers.items() if isinstance(v, dict)}
+    if not dicts:
+        return {"group_size": 64, "bits": 8, "mode": "affine"}
+    q = quantization_config(dicts)
+    return {k: q[k] for k in ("group_size", "bits", "mode")}
+
+
+def _gguf_groups(ckpt, QuantTensor, to_mx) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    for name, value, _ in ckpt.tensors():
+        path, _, leaf = name.rpartition(".")
+        if isinstance(value, QuantTensor):
+            arrays = value.arrays(path)
+            leaves: Dict[str, Any] = {k.rpartition(".")[2]: v for k, v in arrays.items()}
+            leaves["_params"] = value.params
+            leaves["_deq"] = lambda v=value: mx.array(v.dequantize())
+            yield path, leaves
+        else:
+            yield path, {leaf: to_mx(value)}
+
+
+def _hf_groups(weights: Dict[str, mx.array], stored_q: Dict[str, Any], model: nn.Module):
+    from mlx_lm.utils import infer_quant_config
+
+    modules = dict(model.named_modules())
+    for path, leaves in _module_groups(weights):
+        if "scales" in leaves:
+            params = stored_q.get(path)
+            if not isinstance(params, dict):
+                params = infer_quant_config(path, modules[path], {f"{path}.{k}": v for k, v in leaves.items()})
+            params = {"group_size": params["group_size"], "bits": params["bits"], "mode": params.get("mode", "affine")}
+            leaves["_params"] = params
+            leaves["_deq"] = lambda lv=dict(leaves), p=params: mx.dequantize(
+                lv["weight"], lv["scales"], lv.get("biases"), group_size=p["group_size"], bits=p["bits"], mode=p["mode"])
+        yield path, leaves

@@ -1,0 +1,287 @@
+"""The Gemma 4 assistant drafter model (`gemma4_assistant`, drafters.md section 3).
+
+4 Gemma 4 decoder layers (mlx-lm's own `gemma4_text.DecoderLayer`, built with
+every layer KV-shared, so they have q_proj / q_norm / o_proj and no K/V) whose
+queries attend to the target's KV. One step:
+
+    x      = pre_projection(concat[E_target[tok] * sqrt(B), state])
+    x      = layers(x) at the fixed position p of the round
+    y      = norm(x)
+    state' = post_projection(y)
+    logits = y @ embed^T   (dense)  or  the ordered-embedding sparse head
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import gemma4_text as lm_gemma4_text
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+class AssistantError(ValueError):
+    """A drafter checkpoint that cannot be loaded or paired (one-line reason)."""
+
+
+@dataclass
+class AssistantArgs:
+    text: lm_gemma4_text.ModelArgs
+    backbone_hidden_size: int
+    use_ordered_embeddings: bool = False
+    num_centroids: int = 2048
+    centroid_intermediate_top_k: int = 32
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> "AssistantArgs":
+        if "text_config" not in config or "backbone_hidden_size" not in config:
+            raise AssistantError(
+                f"not a Gemma 4 assistant checkpoint (model_type {config.get('model_type')!r}; "
+                "expected gemma4_assistant with text_config and backbone_hidden_size)"
+            )
+        text = copy.deepcopy(config["text_config"])
+        n = int(text.get("num_hidden_layers", 4))
+        # Every layer reads the target's KV (HF's config does the same).
+        if not text.get("num_kv_shared_layers"):
+            text["num_kv_shared_layers"] = n
+        text.setdefault("hidden_size_per_layer_input", 0)
+        text.setdefault("vocab_size_per_layer_input", 0)
+        text.setdefault("use_double_wide_mlp", False)
+        text.setdefault("final_logit_softcapping", None)
+        if text["num_kv_shared_layers"] != n:
+            raise AssistantError("every layer of a Gemma 4 assistant must be KV-shared")
+        return cls(
+            text=lm_gemma4_text.ModelArgs.from_dict(text),
+            backbone_hidden_size=int(config["backbone_hidden_size"]),
+            use_ordered_embeddings=bool(config.get("use_ordered_embeddings", False)),
+            num_centroids=int(config.get("num_centroids", 2048)),
+            centroid_intermediate_top_k=int(config.get("centroid_intermediate_top_k", 32)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+        )
+
+
+class MaskedEmbedding(nn.Module):
+    """Ordered-embedding sparse head: centroids pick clusters of token ids."""
+
+    def __init__(self, hidden: int, vocab: int, num_centroids: int, top_k: int):
+        super().__init__()
+        if vocab % num_centroids:
+            raise AssistantError(f"vocab size {vocab} is not a multiple of num_centroids {num_centroids}")
+        self.top_k = top_k
+        self.num_centroids = num_centroids
+        self.centroids = nn.Linear(hidden, num_centroids, bias=False)
+        # int32 token ids, a permutation of the vocabulary: never quantized or cast.
+        self.token_ordering = mx.zeros((vocab,), mx.int32)
+
+    def candidates(self, y: mx.array, embed: nn.Module) -> Tuple[mx.array, mx.array]:
+        """y [h] -> (token ids [top_k * V/C], their logits): only the selected
+        clusters' embedding rows are read; no full-vocabulary matmul."""
+        c = self.centroids(y)
+        top = mx.argpartition(-c, kth=self.top_k - 1, axis=-1)[: self.top_k]
+        ids = self.token_ordering.reshape(self.num_centroids, -1)[top].reshape(-1)
+        rows = embed(ids)  # gathers (and dequantizes) just these rows
+        return ids, rows @ y.astype(rows.dtype)
+
+
+class _Trunk(nn.Module):
+    def __init__(self, args: lm_gemma4_text.ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [lm_gemma4_text.DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Gemma4Assistant(nn.Module):
+    def __init__(self, args: AssistantArgs):
+        super().__init__()
+        self.args = args
+        t = args.text
+        B, h = args.backbone_hidden_size, t.hidden_size
+        self.model = _Trunk(t)
+        self.pre_projection = nn.Linear(2 * B, h, bias=False)
+        self.post_projection = nn.Linear(h, B, bias=False)
+        if args.use_ordered_embeddings:
+            self.masked_embedding = MaskedEmbedding(
+                h, t.vocab_size, args.num_centroids, args.centroid_intermediate_top_k
+            )
+        # Set by the loader from generation_config.json.
+        self.num_assistant_tokens: Optional[int] = None
+
+    @property
+    def layer_types(self):
+        return [layer.layer_type for layer in self.model.layers]
+
+    @property
+    def head_dims(self) -> Dict[str, Tuple[int, int]]:
+        """Layer type -> (query heads, head dim)."""
+        return {l.layer_type: (l.self_attn.n_heads, l.self_attn.head_dim) for l in self.model.layers}
+
+    @property
+    def sliding_window(self) -> int:
+        return int(self.args.text.sliding_window)
+
+    def step(
+        self,
+        embedding: mx.array,
+        state: mx.array,
+        shared_kv: Dict[str, Tuple[mx.array, mx.array]],
+        position: int,
+    ) -> Tuple[mx.array, mx.array]:
+        """embedding [1, L, B] (scaled target embedding), state [1, L, B] ->
+        (y [1, L, h] after the final norm, next state [1, L, B]).
+
+        shared_kv: layer type -> (keys, values) [1, kv_heads, S, D] that the
+        queries see in full (the caller slices the sliding window)."""
+        dtype = self.model.norm.weight.dtype  # norms are never quantized
+        x = self.pre_projection(mx.concatenate([embedding.astype(dtype), state.astype(dtype)], axis=-1))
+        for layer in self.model.layers:
+            x, _, _ = layer(x, None, None, shared_kv=shared_kv[layer.layer_type], offset=position)
+        y = self.model.norm(x)
+        return y, self.post_projection(y)
+
+    def dense_logits(self, y: mx.array) -> mx.array:
+        return self.model.embed_tokens.as_linear(y)
+
+    def logits(self, y: mx.array) -> mx.array:
+        """[h] -> [V] logits from either head. The sparse head scores only the
+        selected clusters; every other token gets min(selected) - 1."""
+        if not self.args.use_ordered_embeddings:
+            return self.dense_logits(y)
+        ids, scores = self.masked_embedding.candidates(y, self.model.embed_tokens)
+        out = mx.full((self.args.text.vocab_size,), scores.min() - 1.0, dtype=scores.dtype)
+        out[ids] = scores
+        return out
+
+    def greedy_token(self, y: mx.array) -> mx.array:
+        """[h] -> argmax token without building [V] logits for the sparse head."""
+        if not self.args.use_ordered_embeddings:
+            return mx.argmax(self.dense_logits(y), axis=-1).astype(mx.int32)
+        ids, scores = self.masked_embedding.candidates(y, self.model.embed_tokens)
+        return ids[mx.argmax(scores)].astype(mx.int32)
+
+
+# --- checkpoints --------------------------------------------------------------
+
+
+def sanitize(weights: Dict[str, mx.array], tied: bool = True) -> Dict[str, mx.array]:
+    """HF / repack names -> module names; token_ordering stays integer."""
+    out = {}
+    for key, value in weights.items():
+        k = key
+        for prefix in ("model.language_model.", "language_model.model.", "language_model."):
+            if k.startswith(prefix):
+                k = "model." + k[len(prefix) :]
+        if "self_attn.rotary_emb" in k or k.endswith(("k_proj.weight", "v_proj.weight", "k_norm.weight")):
+            continue  # no own K/V in the assistant
+        if k == "lm_head.weight":
+            if tied:
+                if "model.embed_tokens.weight" not in weights:
+                    out["model.embed_tokens.weight"] = value
+                continue
+        if k.endswith("token_ordering"):
+            value = value.astype(mx.int32)
+        out[k] = value
+    return out
+
+
+def quantize(model: Gemma4Assistant, bits: int = 8, group_size: int = 64, mode: str = "affine") -> Dict[str, Any]:
+    """Quantize the linear layers and the embedding. Norms (not quantizable),
+    `token_ordering` (an integer buffer) and the centroids stay as they are.
+    Returns the `quantization` entry for config.json."""
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        if not hasattr(module, "to_quantized") or "masked_embedding" in path:
+            return False
+        return module.weight.shape[-1] % group_size == 0
+
+    nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=predicate)
+    return {"group_size": group_size, "bits": bits, "mode": mode}
+
+
+def load_assistant(path: Path, lazy: bool = False) -> Gemma4Assistant:
+    """Load an assistant checkpoint directory (safetensors, HF or MLX layout,
+    optionally quantized the mlx-lm way)."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AssistantError(f"{path}: cannot read config.json: {e}") from e
+    args = AssistantArgs.from_config(config)
+    shards = sorted(path.glob("model*.safetensors"))
+    if not shards:
+        raise AssistantError(f"no model*.safetensors files in {path}")
+    weights: Dict[str, mx.array] = {}
+    try:
+        for shard in shards:
+            weights.update(mx.load(str(shard)))
+    except RuntimeError as e:
+        raise AssistantError(f"{path}: cannot read the safetensors files: {e}") from e
+    model = Gemma4Assistant(args)
+    weights = sanitize(weights, args.tie_word_embeddings)
+    if args.use_ordered_embeddings and "masked_embedding.token_ordering" not in weights:
+        raise AssistantError(
+            f"{path}: config says use_ordered_embeddings but the sparse-head tensors are missing "
+            "(dropped by a conversion?)"
+        )
+    quantization = config.get("quantization")
+    if quantization:
+        overrides = {k: v for k, v in quantization.items() if isinstance(v, (dict, bool))}
+
+        def predicate(p: str, m: nn.Module):
+            if p in overrides:
+                return overrides[p]
+            return hasattr(m, "to_quantized") and f"{p}.scales" in weights
+
+        nn.quantize(
+            model,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            mode=quantization.get("mode", "affine"),
+            class_predicate=predicate,
+        )
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise AssistantError(f"{path}: weights do not match the config: {e}") from e
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    gen = path / "generation_config.json"
+    if gen.exists():
+        try:
+            n = json.loads(gen.read_text()).get("num_assistant_tokens")
+            model.num_assistant_tokens = int(n) if n else None
+        except (json.JSONDecodeError, TypeError, ValueError):
+            pass
+    return model
+
+
+def compatibility_problem(target: Any, assistant: Gemma4Assistant) -> Optional[str]:
+    """None when `assistant` can draft for `target`, else a one-line reason."""
+    if not hasattr(target, "shared_kv"):
+        return f"a Gemma 4 assistant drafts only for Gemma 4 targets, not {type(target).__name__}"
+    a = assistant.args
+    if a.backbone_hidden_size != target.hidden_size:
+        return (
+            f"the assistant was trained for hidden size {a.backbone_hidden_size} "
+            f"but the target's is {target.hidden_size}"
+        )
+    if a.text.vocab_size != target.vocab_size:
+        return f"vocabularies differ: assistant {a.text.vocab_size}, target {target.vocab_size}"
+    target_kv = target.kv_head_dims
+    for layer_type, (heads, head_dim) in assistant.head_dims.items():
+        if layer_type not in target_kv:
+            return f"the target has no {layer_type} layer to share KV with"
+        kv_heads, kv_dim = target_kv[layer_type]
+        if kv_dim != head_dim:
+            return f"{layer_type} head dims differ: assistant {head_dim}, target KV {kv_dim}"
+        if heads % kv_heads:
+            return f"{layer_type}: {heads} assistant query heads do not divide into {kv_heads} target KV heads"
+    return None
