@@ -114,7 +114,7 @@ def main() -> None:
                    "(demo-qwen, demo-gemma, tiny-qwen35). Default: the bundled demo.")
 @click.option("--drafter", type=_DrafterArg(), default="auto", show_default=True, metavar="auto|none|mtp|PATH_OR_REPO",
               help="auto: the MTP head when there is one, else plain decoding; mtp: require it; none: plain "
-                   "decoding; a directory or repo id: a separate drafter model (Gemma 4 assistant).")
+                   "decoding; a directory, repo id or .gguf file: a separate drafter model (Gemma 4 assistant).")
 @click.option("-k", "--num-draft", type=click.IntRange(min=0), default=None,
               help="Tokens drafted per cycle (default: the drafter's default; 0: plain decoding).")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,

@@ -99,8 +99,14 @@ class Gemma4AssistantDrafter(Drafter):
 
 
 def load_assistant_drafter(path: Union[str, Path], target: Any, revision: Optional[str] = None) -> Gemma4AssistantDrafter:
-    """A drafter from an assistant directory or repo id, checked against `target`."""
+    """A drafter from an assistant directory, repo id or `gemma4-assistant`
+    GGUF file, checked against `target`."""
     from ..loading import resolve_model_path
+    from ..loading.gguf import is_gguf
 
+    if is_gguf(path):
+        from ..loading.gguf_gemma4 import load_gguf_assistant
+
+        return Gemma4AssistantDrafter(load_gguf_assistant(path), target)
     assistant = load_assistant(resolve_model_path(str(path), revision=revision))
     return Gemma4AssistantDrafter(assistant, target)

@@ -51,7 +51,7 @@ from .safetensors import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
 GROUP = 32
-SUPPORTED_ARCHS = ("qwen35", "qwen35moe")
+SUPPORTED_ARCHS = ("qwen35", "qwen35moe", "gemma4", "gemma4-assistant")  # gemma4*: gguf_gemma4.py
 
 
 def is_gguf(path: Union[str, Path]) -> bool:
@@ -645,6 +645,10 @@ def read_gguf(path: Union[str, Path], requant_bits: int = 8) -> GGUFCheckpoint:
         raise CheckpointError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
         )
+    if arch in ("gemma4", "gemma4-assistant"):
+        from .gguf_gemma4 import read_gemma4
+
+        return read_gemma4(path, reader, meta, requant_bits)
     shapes = {t.name: tuple(int(x) for x in t.shape[::-1]) for t in reader.tensors}
     if "token_embd.weight" not in shapes:
         raise CheckpointError(f"{path}: GGUF file has no token_embd.weight")
@@ -706,8 +710,18 @@ def build_model(config: Dict[str, Any], weights: Dict[str, mx.array], quantizati
 
 
 def load_gguf_target(path: Union[str, Path], lazy: bool = False, requant_bits: int = 8):
-    """(model, config, checkpoint) for a qwen35 / qwen35moe GGUF file."""
+    """(model, config, checkpoint) for a qwen35 / qwen35moe / gemma4 GGUF file."""
     ckpt = read_gguf(path, requant_bits)
+    if ckpt.arch == "gemma4-assistant":
+        raise CheckpointError(
+            f"{path} is a Gemma 4 assistant (a drafter), not a target: pass it with --drafter "
+            "(drafter=...) next to its Gemma 4 target"
+        )
+    if ckpt.arch == "gemma4":
+        from . import gguf_gemma4
+
+        model, config = gguf_gemma4.load_target(ckpt, lazy=lazy)
+        return model, config, ckpt
     weights, quantization = mlx_weights(ckpt)
     config = dict(ckpt.config)
     if quantization:
@@ -748,10 +762,15 @@ def build_tokenizer(meta: Dict[str, Any]):
 
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
+    from .gguf_gemma4 import SPM_KINDS, build_spm_tokenizer
+
+    if kind in SPM_KINDS:  # SentencePiece-style pieces (gemma4)
+        return build_spm_tokenizer(meta)
     if not tokens:
         raise CheckpointError("GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
     if kind != "gpt2":
-        raise CheckpointError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' only)")
+        raise CheckpointError(f"GGUF tokenizer model {kind!r} is not supported "
+                              f"(byte-level BPE 'gpt2', SentencePiece-style {', '.join(SPM_KINDS)})")
     types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in (meta.get("tokenizer.ggml.merges") or [])]
     vocab = {tok: i for i, tok in enumerate(tokens)}
@@ -797,10 +816,19 @@ def build_tokenizer(meta: Dict[str, Any]):
 
 def load_gguf_tokenizer(meta: Dict[str, Any]):
     """The GGUF tokenizer wrapped like mlx-lm's own (streaming BPE detokenizer)."""
-    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+    from functools import partial
+
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer, TokenizerWrapper
+
+    from .gguf_gemma4 import SPM_KINDS
 
     hf, eos_ids = build_tokenizer(meta)
-    return TokenizerWrapper(hf, detokenizer_class=BPEStreamingDetokenizer, eos_token_ids=eos_ids)
+    if meta.get("tokenizer.ggml.model") in SPM_KINDS:
+        spaced = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+        detok = partial(SPMStreamingDetokenizer, trim_space=spaced)
+    else:
+        detok = BPEStreamingDetokenizer
+    return TokenizerWrapper(hf, detokenizer_class=detok, eos_token_ids=eos_ids)
 
 
 def load_gguf(path: Union[str, Path], lazy: bool = False, requant_bits: int = 8):

@@ -205,7 +205,8 @@ def _inspect_gguf(path: Path) -> Dict[str, Any]:
         "path": str(path),
         "kind": "gguf",
         "architecture": arch,
-        "layout": "llama.cpp GGUF (norms already offset)",
+        "layout": ("llama.cpp GGUF (norms stored unshifted, as in HF)" if str(arch).startswith("gemma4")
+                   else "llama.cpp GGUF (norms already offset)"),
         "parameters": params,
         "quantization": {k: sorted(v) for k, v in sorted(quant.items())},
         "drafter": {"present": bool(head), "kind": "mtp" if head else None, "declared_layers": declared,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -223,13 +224,22 @@ def load_assistant(path: Path, lazy: bool = False) -> Gemma4Assistant:
             weights.update(mx.load(str(shard)))
     except RuntimeError as e:
         raise AssistantError(f"{path}: cannot read the safetensors files: {e}") from e
-    model = Gemma4Assistant(args)
     weights = sanitize(weights, args.tie_word_embeddings)
-    if args.use_ordered_embeddings and "masked_embedding.token_ordering" not in weights:
-        raise AssistantError(
-            f"{path}: config says use_ordered_embeddings but the sparse-head tensors are missing "
-            "(dropped by a conversion?)"
+    if args.use_ordered_embeddings and not {
+        "masked_embedding.token_ordering", "masked_embedding.centroids.weight"
+    } <= set(weights):
+        # E2B/E4B assistants converted by tools that drop the ordered-embedding
+        # tensors: the dense tied head gives the exact logits the sparse head
+        # approximates, at the cost of a full-vocabulary matmul per draft step.
+        warnings.warn(
+            f"{path.name}: config says use_ordered_embeddings but the sparse-head tensors are missing "
+            "(dropped by a conversion?); drafting with the dense tied head instead (exact, but slower "
+            "per draft step)",
+            stacklevel=2,
         )
+        args.use_ordered_embeddings = False
+        weights = {k: v for k, v in weights.items() if not k.startswith("masked_embedding.")}
+    model = Gemma4Assistant(args)
     quantization = config.get("quantization")
     if quantization:
         overrides = {k: v for k, v in quantization.items() if isinstance(v, (dict, bool))}
