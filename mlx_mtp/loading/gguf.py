@@ -692,7 +692,11 @@ def build_model(config: Dict[str, Any], weights: Dict[str, mx.array], quantizati
     model = cls(qwen3_5.ModelArgs.from_dict(copy.deepcopy(config)))
     # Weights are in the sanitized layout (conv1d [C, K, 1]): sanitize only
     # sorts out the head and shifts nothing.
-    weights = model.sanitize(weights)
+    return load_into(model, model.sanitize(weights), quantization, lazy)
+
+
+def load_into(model: nn.Module, weights: Dict[str, mx.array], quantization: Dict[str, Any], lazy: bool = False):
+    """Quantize the modules listed in `quantization`, then load `weights` strictly."""
     if quantization:
         def predicate(path: str, module: nn.Module):
             params = quantization.get(path)

@@ -463,21 +463,9 @@ def build_empty(config: Dict[str, Any]) -> nn.Module:
 
 def build(config: Dict[str, Any], weights: Dict[str, mx.array], quantization: Dict[str, Any], lazy: bool = False):
     """The model with the listed modules quantized and `weights` loaded strictly."""
-    model = build_empty(config)
-    if quantization:
-        def predicate(path: str, module: nn.Module):
-            params = quantization.get(path)
-            return dict(params) if isinstance(params, dict) and hasattr(module, "to_quantized") else False
+    from .gguf import load_into
 
-        nn.quantize(model, class_predicate=predicate)
-    model.eval()
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise CheckpointError(f"GGUF tensors do not match the model built from its metadata: {e}") from e
-    if not lazy:
-        mx.eval(model.parameters())
-    return model
+    return load_into(build_empty(config), weights, quantization, lazy)
 
 
 def load_target(ckpt: Gemma4Checkpoint, lazy: bool = False):
