@@ -1,0 +1,1 @@
+"""Training scripts for the bundled demo checkpoints in `assets/`."""
