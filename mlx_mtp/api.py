@@ -79,9 +79,10 @@ def load(
 ) -> tuple[SpeculativeModel, TokenizerWrapper]:
     """Load a target and its drafter from a local directory or a HF repo id.
 
-    drafter: "auto" (use the MTP head when there is one, else plain decoding
-    with a warning), "mtp" (require it), "none", or the directory / repo id
-    of a Gemma 4 assistant drafter for a Gemma 4 target.
+    drafter: "auto" (use the MTP head when there is one, else an
+    `assistant/` folder shipped inside the model directory, else plain
+    decoding with a warning), "mtp" (require the head), "none", or the
+    directory / repo id of a Gemma 4 assistant drafter for a Gemma 4 target.
     """
     from .loading.gguf import is_gguf
 
@@ -95,6 +96,9 @@ def load(
     target, config = load_target(path, lazy=lazy)
     if not any(any(path.glob(p)) for p in TOKENIZER_FILES):
         raise CheckpointError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    bundled = path / "assistant"
+    if drafter == "auto" and not getattr(target, "has_mtp", False) and (bundled / "config.json").exists():
+        drafter = str(bundled)  # a target shipped with its assistant (demo-gemma)
     chosen, note = make_drafter(target, drafter)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return SpeculativeModel(target, chosen, config, path, note), tokenizer
