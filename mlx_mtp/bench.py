@@ -57,7 +57,7 @@ def backend_description() -> str:
             libs = {line.split("/")[-1].strip() for line in f if "blas" in line.lower()}
         tuned = sorted(lib for lib in libs if "openblas" in lib or "mkl" in lib)
         if tuned:
-            blas = f"{tuned[0]} (bandwidth-bound regime, like a Mac GPU)"
+            blas = f"{tuned[0]} (tuned BLAS: models bigger than the CPU caches are bandwidth-bound, like on a Mac GPU)"
     except OSError:
         blas = "unknown BLAS"
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores), {blas}"
