@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import load_model
 
@@ -53,6 +54,28 @@ def _model_classes(config: Dict[str, Any]):
     return MODEL_CLASSES[model_type], MODEL_ARGS.get(model_type, qwen3_5.ModelArgs)
 
 
+def materialize(model: nn.Module, label: str, batch_bytes: int = 256 << 20) -> None:
+    """Evaluate (read from disk) every parameter, with a progress bar on
+    stderr for models big enough to take a while."""
+    from mlx.utils import tree_flatten
+    from tqdm.auto import tqdm
+
+    params = [v for _, v in tree_flatten(model.parameters())]
+    total = sum(p.nbytes for p in params)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {label}",
+              disable=total < (512 << 20), leave=False) as bar:
+        batch, size = [], 0
+        for p in params:
+            batch.append(p)
+            size += p.nbytes
+            if size >= batch_bytes:
+                mx.eval(batch)
+                bar.update(size)
+                batch, size = [], 0
+        mx.eval(batch)
+        bar.update(size)
+
+
 def load_target(path: Path, lazy: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
     config = read_config(path)
     _model_classes(config)  # fail early with a clear message
@@ -60,7 +83,10 @@ def load_target(path: Path, lazy: bool = False) -> Tuple[nn.Module, Dict[str, An
     if not shards:
         raise CheckpointError(f"no model*.safetensors files in {path}")
     try:
-        model, config = load_model(path, lazy=lazy, get_model_classes=_model_classes)
+        # Load lazily, then read the weights in batches under a progress bar.
+        model, config = load_model(path, lazy=True, get_model_classes=_model_classes)
+        if not lazy:
+            materialize(model, path.name)
     except CheckpointError:
         raise
     except ValueError as e:
