@@ -67,6 +67,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..models import gemma4
 from ..models.gemma4_assistant import FULL, SLIDING, AssistantArgs, Gemma4Assistant
 from .train_qwen import EOS_TOKEN, PAD_TOKEN, build_documents, read_corpus, train_tokenizer, write_tokenizer
+from . import open_run_log
 
 ROPE = {
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
@@ -514,13 +515,7 @@ def main(argv=None) -> None:
     t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = Path(args.log) if args.log else out.parent / f"{out.name}-train.log"
-    log = open(log_path, "a" if args.skip_target else "w", buffering=1)
-
-    def say(msg: str) -> None:
-        line = f"[{time.time() - t_start:7.1f}s] {msg}"
-        print(line, flush=True)
-        log.write(line + "\n")
+    say = open_run_log(out, args.log, append=args.skip_target)
 
     say(f"args: {vars(args)}")
     from tokenizers import Tokenizer

@@ -66,6 +66,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..models import qwen3_5
+from . import open_run_log
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_TOKEN = "<|im_end|>"
@@ -365,13 +366,7 @@ def _main(argv, chunked_training) -> None:
     t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = Path(args.log) if args.log else out.parent / f"{out.name}-train.log"
-    log = open(log_path, "a" if args.eval_only else "w", buffering=1)
-
-    def say(msg: str) -> None:
-        line = f"[{time.time() - t_start:7.1f}s] {msg}"
-        print(line, flush=True)
-        log.write(line + "\n")
+    say = open_run_log(out, args.log, append=args.eval_only)
 
     say(f"args: {vars(args)}")
     corpus = read_corpus()
