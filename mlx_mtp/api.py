@@ -58,7 +58,7 @@ def make_drafter(target: nn.Module, drafter: str = "auto") -> tuple[Optional[Dra
 
 
 def _load_drafter_model(target: nn.Module, path_or_repo: str) -> Drafter:
-    from .drafters.gemma4_assistant import load_assistant_drafter
+    from .loading.assistant import load_assistant_drafter
     from .loading import ModelNotFoundError
     from .models.gemma4_assistant import AssistantError
 

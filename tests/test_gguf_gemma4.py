@@ -20,11 +20,13 @@ import mlx_mtp
 from mlx_mtp import decode
 from mlx_mtp.api import DrafterUnavailableError
 from mlx_mtp.cli import main
-from mlx_mtp.drafters.gemma4_assistant import Gemma4AssistantDrafter, load_assistant_drafter
+from mlx_mtp.drafters.gemma4_assistant import Gemma4AssistantDrafter
+from mlx_mtp.loading.assistant import load_assistant_drafter
 from mlx_mtp.loading import CheckpointError, load_target
 from mlx_mtp.loading.gguf import load_gguf_target, load_gguf_tokenizer, metadata, open_gguf
 from mlx_mtp.loading.gguf_gemma4 import load_gguf_assistant
-from mlx_mtp.models.gemma4_assistant import AssistantError, load_assistant
+from mlx_mtp.loading.assistant import load_assistant
+from mlx_mtp.models.gemma4_assistant import AssistantError
 from mlx_mtp.testing_gguf_gemma4 import hf_tokenizer, write_gemma_tokenizer_metadata, write_pair
 
 PROMPT = [2, 5, 17, 33, 9, 40, 41]

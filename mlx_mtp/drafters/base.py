@@ -31,6 +31,9 @@ class Drafter(ABC):
     name: str = "drafter"
     #: draft length to use when the user does not choose one
     default_num_draft: int = 3
+    #: something the user should know about this drafter (a fallback taken
+    #: while loading it, say); front ends show it once
+    note: Optional[str] = None
 
     @abstractmethod
     def reset(self) -> None: ...

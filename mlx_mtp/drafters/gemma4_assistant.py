@@ -9,8 +9,7 @@ fixed for the whole round (drafters.md section 3). Nothing to roll back.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple
 
 import mlx.core as mx
 
@@ -20,7 +19,6 @@ from ..models.gemma4_assistant import (
     AssistantError,
     Gemma4Assistant,
     compatibility_problem,
-    load_assistant,
 )
 from ..sampling import SamplingParams, sample
 from .base import Drafter
@@ -39,6 +37,7 @@ class Gemma4AssistantDrafter(Drafter):
         self.target = target
         self.cache: Optional[List[Any]] = None
         self.default_num_draft = assistant.num_assistant_tokens or DEFAULT_NUM_DRAFT
+        self.note = getattr(assistant, "load_note", None)
         self.reset()
 
     def bind(self, target: Any, cache: List[Any]) -> None:
@@ -96,17 +95,3 @@ class Gemma4AssistantDrafter(Drafter):
             tokens.append(token)
         drafts = mx.concatenate(tokens)
         return drafts, (None if params.greedy else mx.stack(probs))
-
-
-def load_assistant_drafter(path: Union[str, Path], target: Any, revision: Optional[str] = None) -> Gemma4AssistantDrafter:
-    """A drafter from an assistant directory, repo id or `gemma4-assistant`
-    GGUF file, checked against `target`."""
-    from ..loading import resolve_model_path
-    from ..loading.gguf import is_gguf
-
-    if is_gguf(path):
-        from ..loading.gguf_gemma4 import load_gguf_assistant
-
-        return Gemma4AssistantDrafter(load_gguf_assistant(path), target)
-    assistant = load_assistant(resolve_model_path(str(path), revision=revision))
-    return Gemma4AssistantDrafter(assistant, target)

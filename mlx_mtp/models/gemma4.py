@@ -22,7 +22,7 @@ from mlx_lm.models import gemma4 as lm_gemma4
 from mlx_lm.models import gemma4_text as lm_gemma4_text
 from mlx_lm.models.cache import KVCache, _BaseCache
 
-SLIDING, FULL = "sliding_attention", "full_attention"
+from .base import FULL, SLIDING
 
 
 class SlidingWindowCache(_BaseCache):

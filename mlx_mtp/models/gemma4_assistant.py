@@ -14,17 +14,14 @@ queries attend to the target's KV. One step:
 from __future__ import annotations
 
 import copy
-import json
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import gemma4_text as lm_gemma4_text
 
-SLIDING, FULL = "sliding_attention", "full_attention"
+from .base import FULL, SLIDING  # noqa: F401  (re-exported for drafters)
 
 
 class AssistantError(ValueError):
@@ -204,73 +201,6 @@ def quantize(model: Gemma4Assistant, bits: int = 8, group_size: int = 64, mode: 
 
     nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=predicate)
     return {"group_size": group_size, "bits": bits, "mode": mode}
-
-
-def load_assistant(path: Path, lazy: bool = False) -> Gemma4Assistant:
-    """Load an assistant checkpoint directory (safetensors, HF or MLX layout,
-    optionally quantized the mlx-lm way)."""
-    path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AssistantError(f"{path}: cannot read config.json: {e}") from e
-    args = AssistantArgs.from_config(config)
-    shards = sorted(path.glob("model*.safetensors"))
-    if not shards:
-        raise AssistantError(f"no model*.safetensors files in {path}")
-    weights: Dict[str, mx.array] = {}
-    try:
-        for shard in shards:
-            weights.update(mx.load(str(shard)))
-    except RuntimeError as e:
-        raise AssistantError(f"{path}: cannot read the safetensors files: {e}") from e
-    weights = sanitize(weights, args.tie_word_embeddings)
-    if args.use_ordered_embeddings and not {
-        "masked_embedding.token_ordering", "masked_embedding.centroids.weight"
-    } <= set(weights):
-        # E2B/E4B assistants converted by tools that drop the ordered-embedding
-        # tensors: the dense tied head gives the exact logits the sparse head
-        # approximates, at the cost of a full-vocabulary matmul per draft step.
-        warnings.warn(
-            f"{path.name}: config says use_ordered_embeddings but the sparse-head tensors are missing "
-            "(dropped by a conversion?); drafting with the dense tied head instead (exact, but slower "
-            "per draft step)",
-            stacklevel=2,
-        )
-        args.use_ordered_embeddings = False
-        weights = {k: v for k, v in weights.items() if not k.startswith("masked_embedding.")}
-    model = Gemma4Assistant(args)
-    quantization = config.get("quantization")
-    if quantization:
-        overrides = {k: v for k, v in quantization.items() if isinstance(v, (dict, bool))}
-
-        def predicate(p: str, m: nn.Module):
-            if p in overrides:
-                return overrides[p]
-            return hasattr(m, "to_quantized") and f"{p}.scales" in weights
-
-        nn.quantize(
-            model,
-            group_size=quantization["group_size"],
-            bits=quantization["bits"],
-            mode=quantization.get("mode", "affine"),
-            class_predicate=predicate,
-        )
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise AssistantError(f"{path}: weights do not match the config: {e}") from e
-    if not lazy:
-        mx.eval(model.parameters())
-    model.eval()
-    gen = path / "generation_config.json"
-    if gen.exists():
-        try:
-            n = json.loads(gen.read_text()).get("num_assistant_tokens")
-            model.num_assistant_tokens = int(n) if n else None
-        except (json.JSONDecodeError, TypeError, ValueError):
-            pass
-    return model
 
 
 def compatibility_problem(target: Any, assistant: Gemma4Assistant) -> Optional[str]:
