@@ -11,6 +11,7 @@
 """
 
 import json
+import re
 import math
 from collections import Counter
 
