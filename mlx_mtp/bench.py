@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -22,9 +21,7 @@ import mlx.core as mx
 
 from .defaults import prompt_suite
 from .api import SpeculativeModel, build_prompt, stream_generate
-from .engine import PromptCache, decode
-from .models.rollback import rollback, set_recording
-from .sampling import SamplingParams
+from .engine import draft_step_cost
 
 def load_prompts(path: Optional[Path] = None) -> List[Dict[str, str]]:
     """JSON lines with "prompt" and optionally "category"."""
@@ -61,38 +58,6 @@ def backend_description() -> str:
     except OSError:
         blas = "unknown BLAS"
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores), {blas}"
-
-
-def _time(fn: Callable[[], None], repeats: int = 10) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
-def draft_step_cost(model: SpeculativeModel, prompt_tokens: Sequence[int], k: int) -> float:
-    """c: the cost of one draft step relative to one target decode step, in
-    the state left by a short real generation."""
-    target, drafter = model.target, model.drafter
-    state = PromptCache()
-    for _ in decode(target, prompt_tokens, drafter=drafter, num_draft=k, max_tokens=8, prompt_cache=state):
-        pass
-    cache, token = state.cache, mx.array([[state.tokens[-1]]])
-
-    def target_step():
-        set_recording(cache, True)
-        hidden = target.hidden(token, cache)
-        set_recording(cache, False)
-        mx.eval(target.logits(hidden))
-        rollback(cache, 1, 0)
-
-    def draft_steps():
-        tokens, _ = drafter.draft(k, SamplingParams(), None)
-        mx.eval(tokens)
-        drafter.rewind(0)
-
-    return _time(draft_steps) / k / _time(target_step)
 
 
 def ideal_speedup(tokens_per_pass: float, k: int, c: float) -> float:
@@ -160,7 +125,7 @@ def run_bench(
     costs = {}
     if model.drafter is not None:
         first = build_prompt(tokenizer, prompts[0]["prompt"])
-        costs = {k: draft_step_cost(model, first, k) for k in modes if k}
+        costs = {k: draft_step_cost(model.target, model.drafter, first, k) for k in modes if k}
         echo("draft step cost c (vs one target step): " + ", ".join(f"k={k}: {c:.3f}" for k, c in costs.items()))
 
     summaries = {k: ModeSummary(k) for k in modes}

@@ -322,3 +322,58 @@ def decode(
         if stats.finish_reason is not None:
             return
         last = bonus
+
+
+# --- cost measurement (bench, tune and the adaptive policy's calibration) -----
+
+
+def _mean_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: compile and allocate once
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def measure_step_costs(
+    model,
+    drafter: Drafter,
+    prompt: Sequence[int],
+    max_verify: int,
+    draft_steps: int = 1,
+    repeats: int = 10,
+) -> dict:
+    """Seconds per target pass over 1..`max_verify` tokens (recording on, as
+    a verify pass runs it) and per draft step, in the state left by a short
+    real generation from `prompt`. Every pass is rolled back afterwards, so
+    the caches end as they started."""
+    state = PromptCache()
+    for _ in decode(model, prompt, drafter=drafter, num_draft=max(1, draft_steps), max_tokens=8, prompt_cache=state):
+        pass
+    cache, last = state.cache, state.tokens[-1]
+
+    def target_pass(n: int):
+        tokens = mx.array([[last] * n], mx.int32)
+
+        def run():
+            set_recording(cache, True)
+            hidden = model.hidden(tokens, cache)
+            set_recording(cache, False)
+            mx.eval(model.logits(hidden))
+            rollback(cache, n, 0)
+
+        return run
+
+    def draft_run():
+        tokens, _ = drafter.draft(draft_steps, SamplingParams(), None)
+        mx.eval(tokens)
+        drafter.rewind(0)
+
+    verify = {n: _mean_seconds(target_pass(n), repeats) for n in range(1, max_verify + 1)}
+    return {"verify": verify, "draft": _mean_seconds(draft_run, repeats) / draft_steps}
+
+
+def draft_step_cost(model, drafter: Drafter, prompt: Sequence[int], k: int) -> float:
+    """c: one draft step's cost relative to one target decode step."""
+    costs = measure_step_costs(model, drafter, prompt, max_verify=1, draft_steps=k)
+    return costs["draft"] / costs["verify"][1]
