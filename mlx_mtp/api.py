@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
@@ -14,9 +13,9 @@ from mlx_lm.utils import load_tokenizer
 from .drafters import Drafter, MTPDrafter
 from .engine import PromptCache, Stats, decode
 from .loading import CheckpointError, load_target, resolve_model_path
+from .options import GenerationOptions
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
-from .sampling import SamplingParams
 
 
 class DrafterUnavailableError(ValueError):
@@ -40,20 +39,23 @@ class SpeculativeModel:
 
 
 def make_drafter(target: nn.Module, drafter: str = "auto") -> tuple[Optional[Drafter], Optional[str]]:
-    """Pick the drafter for `target`. Returns (drafter, note).
+    """Pick the drafter for `target`. Returns (drafter, note): the note says
+    why there is no drafter (None when there is one). Never warns: each front
+    end shows the note once, in its own words.
 
     drafter: "auto", "mtp", "none", or the directory / repo id of a separate
     drafter model (a Gemma 4 assistant)."""
     if drafter == "none":
-        return None, "drafting disabled (--drafter none)"
+        return None, 'drafting disabled (drafter="none")'
     if drafter not in ("auto", "mtp"):
         return _load_drafter_model(target, str(drafter)), None
     if getattr(target, "has_mtp", False):
         return MTPDrafter(target), None
     problem = getattr(target, "mtp_problem", None) or "the model has no MTP head"
     if drafter == "mtp":
-        raise DrafterUnavailableError(f"cannot draft with the MTP head: {problem}. Use --drafter none for plain decoding.")
-    warnings.warn(f"{problem}; falling back to plain decoding", stacklevel=2)
+        raise DrafterUnavailableError(
+            f'cannot draft with the MTP head: {problem}. Use drafter="none" for plain decoding.'
+        )
     return None, f"{problem}; plain decoding"
 
 
@@ -81,8 +83,9 @@ def load(
 
     drafter: "auto" (use the MTP head when there is one, else an
     `assistant/` folder shipped inside the model directory, else plain
-    decoding with a warning), "mtp" (require the head), "none", or the
-    directory / repo id of a Gemma 4 assistant drafter for a Gemma 4 target.
+    decoding; `SpeculativeModel.drafter_note` says why), "mtp" (require the
+    head), "none", or the directory / repo id of a Gemma 4 assistant drafter
+    for a Gemma 4 target.
     """
     from .loading.gguf import is_gguf
 
@@ -102,6 +105,17 @@ def load(
     chosen, note = make_drafter(target, drafter)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return SpeculativeModel(target, chosen, config, path, note), tokenizer
+
+
+def resolve_model(path_or_repo: Union[str, Path], *, revision: Optional[str] = None) -> Union[str, Path]:
+    """Where `load` will read `path_or_repo` from: a bundled demo's folder, a
+    local directory, a Hugging Face snapshot (downloaded once, so front ends
+    can show this step on its own) or a .gguf file as given."""
+    from .loading.gguf import is_gguf
+
+    if is_gguf(path_or_repo):
+        return path_or_repo
+    return resolve_model_path(str(path_or_repo), revision=revision)
 
 
 @dataclass
@@ -184,47 +198,44 @@ def stream_generate(
     model: SpeculativeModel,
     tokenizer: TokenizerWrapper,
     prompt: Prompt,
+    options: Optional[GenerationOptions] = None,
     *,
-    num_draft: Optional[int] = None,
-    max_tokens: int = 256,
-    temp: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    seed: Optional[int] = None,
-    system: Optional[str] = None,
-    chat_template: bool = True,
-    enable_thinking: Optional[bool] = None,
-    stop: Sequence[str] = (),
-    max_context: Optional[int] = None,
     prompt_cache: Optional[PromptCache] = None,
+    **overrides: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate and yield one `GenerationResponse` per target pass.
 
     `prompt` is text (the chat template is applied unless chat_template=False),
     a chat history (list of {"role", "content"} dicts), or token ids used as
-    is. Pass the same `PromptCache` across calls (chat turns) to pre-fill only
-    what is new since the previous call."""
-    params = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    is. `options` says how to generate; keyword `overrides` change single
+    fields of it (num_draft=3, temp=0.7, max_tokens=..., as
+    `GenerationOptions.replace` takes them). Pass the same `PromptCache`
+    across calls (chat turns) to pre-fill only what is new since the
+    previous call."""
+    options = options if options is not None else GenerationOptions()
+    if overrides:
+        options = options.replace(**overrides)
     prompt_tokens = build_prompt(
-        tokenizer, prompt, system=system, chat_template=chat_template, enable_thinking=enable_thinking
+        tokenizer, prompt, system=options.system, chat_template=options.chat_template,
+        enable_thinking=options.enable_thinking,
     )
-    if num_draft is None:
-        num_draft = model.default_num_draft
+    # Handed to the engine as it is (an int, or "auto" for the adaptive
+    # policy); only None is resolved here, to the drafter's own default.
+    num_draft = model.default_num_draft if options.num_draft is None else options.num_draft
     stats = Stats()
     detok = tokenizer.detokenizer
     detok.reset()
-    stopper = _StopMatcher(stop)
+    stopper = _StopMatcher(options.stop)
     cycles = decode(
         model.target,
         prompt_tokens,
         drafter=model.drafter,
         num_draft=num_draft,
-        params=params,
-        max_tokens=max_tokens,
+        params=options.sampling,
+        max_tokens=options.max_tokens,
         eos_token_ids=tokenizer.eos_token_ids,
-        seed=seed,
-        max_context=max_context,
+        seed=options.seed,
+        max_context=options.max_context,
         stats=stats,
         prompt_cache=prompt_cache,
     )
@@ -261,7 +272,11 @@ def generate(
     model: SpeculativeModel,
     tokenizer: TokenizerWrapper,
     prompt: Prompt,
-    **options: Any,
+    options: Optional[GenerationOptions] = None,
+    *,
+    prompt_cache: Optional[PromptCache] = None,
+    **overrides: Any,
 ) -> str:
-    """Generate and return the whole text. Options as for `stream_generate`."""
-    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **options))
+    """Generate and return the whole text. Arguments as for `stream_generate`."""
+    responses = stream_generate(model, tokenizer, prompt, options, prompt_cache=prompt_cache, **overrides)
+    return "".join(r.text for r in responses)

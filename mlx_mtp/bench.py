@@ -9,7 +9,6 @@ a mismatch is reported loudly (and makes the command exit non-zero).
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -19,9 +18,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 
-from .defaults import prompt_suite
 from .api import SpeculativeModel, build_prompt, stream_generate
+from .defaults import prompt_suite
 from .engine import draft_step_cost
+from .options import GenerationOptions
+
+#: What `run_bench` generates with unless told otherwise (as `mlx-mtp bench`).
+BENCH_OPTIONS = GenerationOptions(max_tokens=192, seed=0)
+
 
 def load_prompts(path: Optional[Path] = None) -> List[Dict[str, str]]:
     """JSON lines with "prompt" and optionally "category"."""
@@ -99,11 +103,21 @@ def run_bench(
     *,
     num_drafts: Sequence[int],
     prompts: List[Dict[str, str]],
-    max_tokens: int = 192,
-    temp: float = 0.0,
-    seed: int = 0,
+    options: Optional[GenerationOptions] = None,
     echo: Callable[[str], None] = print,
+    **overrides: Any,
 ) -> Dict[str, Any]:
+    """Run every prompt at k=0 and at each draft length in `num_drafts`.
+
+    `options` (default `BENCH_OPTIONS`) holds max_tokens, sampling and seed;
+    keyword `overrides` change single fields (max_tokens=..., temp=...). Its
+    num_draft is ignored: the modes are the draft lengths."""
+    options = options if options is not None else BENCH_OPTIONS
+    if overrides:
+        options = options.replace(**overrides)
+    max_tokens, temp, seed = options.max_tokens, options.sampling.temp, options.seed
+    # Greedy decoding must give the very same tokens in every mode.
+    check_lossless = options.sampling.greedy
     modes = [0] + [k for k in num_drafts if k > 0]
     if model.drafter is None and len(modes) > 1:
         raise ValueError(f"this model has no drafter ({model.drafter_note}); only the baseline can run")
@@ -114,7 +128,7 @@ def run_bench(
     def generate(prompt: str, k: int, n: int) -> Run:
         tokens: List[int] = []
         stats = None
-        for r in stream_generate(model, tokenizer, prompt, num_draft=k, max_tokens=n, temp=temp, seed=seed):
+        for r in stream_generate(model, tokenizer, prompt, options, num_draft=k, max_tokens=n):
             tokens += r.tokens
             stats = r.stats
         return Run("", k, tokens, stats.to_dict())
@@ -146,7 +160,7 @@ def run_bench(
             )
             if k == 0:
                 baseline = run
-            elif temp == 0 and run.tokens != baseline.tokens:
+            elif check_lossless and run.tokens != baseline.tokens:
                 mismatches.append((item["category"], k))
                 echo(f"!!! LOSSLESS CHECK FAILED: {item['category']} k={k} differs from the baseline")
 
@@ -190,7 +204,7 @@ def run_bench(
         report["modes"][str(k)] = entry
     if mismatches:
         echo(f"!!! LOSSLESS CHECK FAILED for {len(mismatches)} prompt/mode pairs: {mismatches}")
-    elif temp == 0:
+    elif check_lossless:
         echo("lossless check: every mode reproduced the baseline tokens exactly")
     return report
 

@@ -14,14 +14,20 @@ from __future__ import annotations
 import copy
 import json
 import threading
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-from .api import GenerationResponse, SpeculativeModel, build_prompt, stream_generate
+from .api import GenerationResponse, SpeculativeModel, load, resolve_model, stream_generate
 from .engine import ContextLengthError, PromptCache, Stats
+from .options import GenerationOptions
+from .sampling import SamplingParams
 
 FORMAT = "mlx-mtp-chat"
+#: What a chat generates with unless told otherwise (as `mlx-mtp chat`):
+#: answers may be long.
+CHAT_OPTIONS = GenerationOptions(max_tokens=2048)
 # Contents the template renders verbatim, used to find where the assistant's
 # text ends and the next user turn begins.
 _USER_SENTINEL = "MLXMTPUSERSENTINEL"
@@ -30,6 +36,10 @@ _ASSISTANT_SENTINEL = "MLXMTPASSISTANTSENTINEL"
 
 class ContextFullError(ContextLengthError):
     """The conversation no longer fits the model's context: /clear it."""
+
+
+class NoChatTemplateError(ValueError):
+    """The model's tokenizer has no chat template, which a chat needs."""
 
 
 @dataclass
@@ -57,6 +67,43 @@ class Message:
         return {"role": self.role, "content": self.content}
 
 
+def split_thinking(text: str, opens_thinking: bool) -> Tuple[str, str]:
+    """(reasoning, answer) of an answer's text; the reasoning ends at </think>.
+
+    opens_thinking: the generation prompt already opened the think block
+    (Qwen-style templates end it with "<think>"), so the text starts inside it."""
+    start = 0
+    if not opens_thinking:
+        stripped = text.lstrip()
+        if not stripped.startswith("<think>"):
+            return "", text
+        start = len(text) - len(stripped) + len("<think>")
+    end = text.find("</think>", start)
+    if end < 0:
+        return text[start:].strip("\n"), ""
+    return text[start:end].strip("\n"), text[end + len("</think>"):].lstrip("\n")
+
+
+class _Option:
+    """A `ChatSession` attribute (temp, num_draft, ...) that reads and
+    replaces one field of the session's `GenerationOptions`, so the options
+    stay the one place the settings live."""
+
+    _SAMPLING = {f.name for f in fields(SamplingParams)}
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, session: Any, owner: Optional[type] = None) -> Any:
+        if session is None:
+            return self
+        holder = session.options.sampling if self.name in self._SAMPLING else session.options
+        return getattr(holder, self.name)
+
+    def __set__(self, session: Any, value: Any) -> None:
+        session.options = session.options.replace(**{self.name: value})
+
+
 def draft_spans(tokenizer: Any, response: GenerationResponse) -> List[Tuple[str, bool]]:
     """Split one response's text into (text, from_draft) runs.
 
@@ -81,39 +128,52 @@ def draft_spans(tokenizer: Any, response: GenerationResponse) -> List[Tuple[str,
 
 class ChatSession:
     """A conversation with one model: messages, token ids, the prompt cache
-    and the sampling settings. Not UI-specific: drive it from any thread, one
-    `send` at a time; `cancel` may be called from any thread."""
+    and the generation options. Not UI-specific: drive it from any thread,
+    one `send` at a time; `cancel` may be called from any thread.
+
+    The settings live in `options` (a `GenerationOptions`); `temp`,
+    `num_draft`, `max_tokens`, ... read and change single fields of it."""
+
+    num_draft = _Option()
+    temp = _Option()
+    top_p = _Option()
+    top_k = _Option()
+    min_p = _Option()
+    seed = _Option()
+    enable_thinking = _Option()
+    max_tokens = _Option()
+    max_context = _Option()
 
     def __init__(
         self,
         model: SpeculativeModel,
         tokenizer: Any,
+        options: Optional[GenerationOptions] = None,
         *,
-        system: Optional[str] = None,
-        num_draft: Optional[int] = None,
-        temp: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        seed: Optional[int] = None,
-        enable_thinking: Optional[bool] = None,
-        max_tokens: int = 2048,
-        max_context: Optional[int] = None,
         model_id: Optional[str] = None,
+        **overrides: Any,
     ) -> None:
+        """options: how to generate (default `CHAT_OPTIONS`); keyword
+        `overrides` change single fields of it (max_tokens=..., temp=...)."""
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template: chat needs one")
+            raise NoChatTemplateError("this model's tokenizer has no chat template: chat needs one")
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id or (str(model.path) if model.path else None)
-        self._system = system or None
-        self.num_draft = model.default_num_draft if num_draft is None else num_draft
+        options = options if options is not None else CHAT_OPTIONS
+        if overrides:
+            options = options.replace(**overrides)
+        # Resolved once, so /mtp and the stats bar see the k in use; passed on
+        # as it is (an int or "auto"), never computed with.
         if model.drafter is None:
-            self.num_draft = 0
-        self.temp, self.top_p, self.top_k, self.min_p, self.seed = temp, top_p, top_k, min_p, seed
-        self.enable_thinking = enable_thinking
-        self.max_tokens = max_tokens
-        self.max_context = max_context
+            options = options.replace(num_draft=0)
+        elif options.num_draft is None:
+            options = options.replace(num_draft=model.default_num_draft)
+        #: the settings of every turn; the prompts are token ids built here, so
+        #: of its prompt fields only `system` and `enable_thinking` matter
+        self.options = options.replace(system=options.system or None)
+        #: things to tell the user about the model (warnings while loading it)
+        self.load_notes: List[str] = []
         self.messages: List[Message] = []
         # The conversation's token ids (every prompt and every generated
         # token); None when they must be rebuilt from `messages` (after
@@ -123,20 +183,65 @@ class ChatSession:
         self.last: Optional[TurnResult] = None
         self._cancel = threading.Event()
 
+    @classmethod
+    def open(
+        cls,
+        model_path: str,
+        options: Optional[GenerationOptions] = None,
+        *,
+        drafter: str = "auto",
+        model_id: Optional[str] = None,
+        progress: Optional[Callable[[int, str], None]] = None,
+    ) -> "ChatSession":
+        """Find, load and warm up a model and start a session on it.
+
+        progress(step, text) is called as each of the steps 0..3 begins
+        (finding, loading, warming up, ready). Warnings raised meanwhile are
+        kept in `load_notes` rather than printed."""
+        stage = progress or (lambda step, text: None)
+        with warnings.catch_warnings(record=True) as caught:
+            # "default": a warning raised again from the same place is kept once.
+            warnings.simplefilter("default")
+            stage(0, "finding the model (Hugging Face repos download once)")
+            path = resolve_model(model_path)
+            stage(1, f"loading weights and tokenizer from {path}")
+            model, tokenizer = load(path, drafter=drafter)
+            session = cls(model, tokenizer, options, model_id=model_id or str(model_path))
+            stage(2, "warming up")
+            session.warm_up()
+            stage(3, "ready")
+        session.load_notes = [str(w.message) for w in caught]
+        return session
+
+    def warm_up(self) -> None:
+        """One tiny generation, so the first message does not wait for the
+        kernels to compile. The conversation is untouched."""
+        tiny = GenerationOptions(num_draft=self.model.default_num_draft, max_tokens=2)
+        for _ in stream_generate(self.model, self.tokenizer, [0, 0], tiny):
+            pass
+
+    @property
+    def notes(self) -> List[str]:
+        """What the user should know about this model, once: the drafter's
+        own note (a fallback it took while loading) and warnings while loading.
+        Why there is no drafter at all is `model.drafter_note`."""
+        drafter = self.model.drafter
+        return ([drafter.note] if drafter is not None and drafter.note else []) + list(self.load_notes)
+
     # -- settings ---------------------------------------------------------
 
     @property
     def system(self) -> Optional[str]:
-        return self._system
+        return self.options.system
 
     @system.setter
     def system(self, value: Optional[str]) -> None:
         value = value or None
-        if value != self._system and self.messages:
+        if value != self.options.system and self.messages:
             # The system message opens the prompt: the history is re-encoded
             # (one full pre-fill) on the next turn.
             self.tokens = None
-        self._system = value
+        self.options = self.options.replace(system=value)
 
     @property
     def supports_thinking(self) -> bool:
@@ -150,15 +255,37 @@ class ChatSession:
     def context_used(self) -> int:
         if self.tokens is not None:
             return len(self.tokens)
-        return len(self._render(self.messages, generation_prompt=False)) if self.messages else 0
+        return len(self.render(self.messages, generation_prompt=False)) if self.messages else 0
+
+    @property
+    def opens_thinking(self) -> bool:
+        """Whether the generation prompt opens a think block itself (Qwen-style
+        templates end it with "<think>"), with the current settings."""
+        try:
+            tail = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False,
+                **self._template_extra(),
+            )
+        except Exception:  # a template that cannot render this: no think block
+            return False
+        return tail.rstrip().endswith("<think>")
+
+    def split_thinking(self, text: str, opens_thinking: Optional[bool] = None) -> Tuple[str, str]:
+        """(reasoning, answer) of an answer's text. opens_thinking: as it was
+        when the answer was generated (default: `opens_thinking` now)."""
+        if opens_thinking is None:
+            opens_thinking = self.opens_thinking
+        return split_thinking(text, opens_thinking)
 
     # -- prompts ----------------------------------------------------------
 
     def _template_extra(self) -> Dict[str, Any]:
         return {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
 
-    def _render(self, messages: List[Message], generation_prompt: bool) -> List[int]:
-        chat = ([{"role": "system", "content": self._system}] if self._system else []) + [
+    def render(self, messages: List[Message], generation_prompt: bool) -> List[int]:
+        """Token ids of the system message and `messages` through the chat
+        template (plus the generation prompt when asked)."""
+        chat = ([{"role": "system", "content": self.system}] if self.system else []) + [
             m.as_chat() for m in messages
         ]
         text = self.tokenizer.apply_chat_template(
@@ -171,7 +298,7 @@ class ChatSession:
         turn with `text` plus the generation prompt: the template's output
         after an assistant message, found with sentinel contents. None when
         the template does not render the sentinel verbatim."""
-        chat = ([{"role": "system", "content": self._system}] if self._system else []) + [
+        chat = ([{"role": "system", "content": self.system}] if self.system else []) + [
             {"role": "user", "content": _USER_SENTINEL},
             {"role": "assistant", "content": _ASSISTANT_SENTINEL},
             {"role": "user", "content": text},
@@ -193,7 +320,7 @@ class ChatSession:
                 # the answer was never cached, the template's closing
                 # (in the suffix) takes its place.
                 return self.tokens + suffix
-        return self._render(self.messages + [Message("user", text)], generation_prompt=True)
+        return self.render(self.messages + [Message("user", text)], generation_prompt=True)
 
     # -- generation -------------------------------------------------------
 
@@ -215,12 +342,7 @@ class ChatSession:
             raise ContextFullError(
                 f"the context is full ({len(prompt)} of {limit} tokens with this message): /clear to start over"
             )
-        responses = stream_generate(
-            self.model, self.tokenizer, prompt,
-            num_draft=self.num_draft, max_tokens=self.max_tokens, temp=self.temp, top_p=self.top_p,
-            top_k=self.top_k, min_p=self.min_p, seed=self.seed, max_context=self.max_context,
-            prompt_cache=self.prompt_cache,
-        )
+        responses = stream_generate(self.model, self.tokenizer, prompt, self.options, prompt_cache=self.prompt_cache)
         pieces: List[str] = []
         tokens: List[int] = []
         flags: List[bool] = []
@@ -294,7 +416,7 @@ class ChatSession:
             "format": FORMAT,
             "version": 1,
             "model": self.model_id,
-            "system": self._system,
+            "system": self.system,
             "settings": {
                 "num_draft": self.num_draft, "temp": self.temp, "top_p": self.top_p, "top_k": self.top_k,
                 "min_p": self.min_p, "enable_thinking": self.enable_thinking, "max_tokens": self.max_tokens,
@@ -342,7 +464,7 @@ class ChatSession:
             and all(isinstance(t, int) and t >= 0 and (vocab is None or t < vocab) for t in tokens)
         )
         self.clear()
-        self._system = system or None
+        self.options = self.options.replace(system=system or None)
         settings = data.get("settings") or {}
         if "enable_thinking" in settings:
             self.enable_thinking = settings["enable_thinking"]

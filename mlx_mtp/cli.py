@@ -11,13 +11,19 @@ arguments, 1 for everything else, 130 on Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import sys
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import click
+
+from .report import cli_words, format_stats
+
+if TYPE_CHECKING:  # the real import waits for a command to run: it loads MLX
+    from .options import GenerationOptions
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -101,6 +107,46 @@ class _DrafterArg(click.ParamType):
         self.fail(f"{value!r} is not auto, none, mtp, a drafter directory or a repo id", param, ctx)
 
 
+def sampling_options(
+    temp_help: str = "Sampling temperature (0: greedy).",
+    seed_default: Optional[int] = None,
+    seed_help: Optional[str] = "Random seed for sampling.",
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare --temp, --top-p, --top-k, --min-p and --seed on a command and
+    hand it one `options: GenerationOptions` (sampling and seed set) in their
+    place. The commands differ only in the --temp / --seed wording and bench's
+    fixed default seed, so those are the parameters."""
+    flags = [
+        click.option("--temp", type=_Finite(lo=0.0), default=0.0, show_default=True, help=temp_help),
+        click.option("--top-p", type=_Finite(lo=0.0, hi=1.0, lo_open=True), default=1.0, show_default=True,
+                     help="Nucleus sampling mass, 0 < p <= 1."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Keep the k most likely tokens (0: all)."),
+        click.option("--min-p", type=_Finite(lo=0.0, hi=1.0), default=0.0, show_default=True,
+                     help="Drop tokens below min-p times the top probability."),
+        click.option("--seed", type=int, default=seed_default, show_default=seed_default is not None,
+                     help=seed_help),
+    ]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def with_options(*args: Any, temp: float, top_p: float, top_k: int, min_p: float,
+                         seed: Optional[int], **kwargs: Any) -> Any:
+            # Imported here: the options pull in MLX, and `--help` stays fast without it.
+            from .options import GenerationOptions
+
+            options = GenerationOptions.make(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+            return command(*args, options=options, **kwargs)
+
+        # Applied innermost first, as stacked @click.option lines would be, so
+        # the flags keep their place in --help between the command's others.
+        for flag in reversed(flags):
+            with_options = flag(with_options)
+        return with_options
+
+    return decorate
+
+
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlx-mtp", prog_name="mlx-mtp")
 def main() -> None:
@@ -119,15 +165,7 @@ def main() -> None:
               help="Tokens drafted per cycle (default: the drafter's default; 0: plain decoding).")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Most tokens to generate.")
-@click.option("--temp", type=_Finite(lo=0.0), default=0.0, show_default=True,
-              help="Sampling temperature (0: greedy).")
-@click.option("--top-p", type=_Finite(lo=0.0, hi=1.0, lo_open=True), default=1.0, show_default=True,
-              help="Nucleus sampling mass, 0 < p <= 1.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Keep the k most likely tokens (0: all).")
-@click.option("--min-p", type=_Finite(lo=0.0, hi=1.0), default=0.0, show_default=True,
-              help="Drop tokens below min-p times the top probability.")
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@sampling_options()
 @click.option("--system", default=None, help="System message.")
 @click.option("--no-chat-template", is_flag=True, help="Use the prompt as raw text.")
 @click.option("--thinking/--no-thinking", "enable_thinking", default=None,
@@ -143,11 +181,7 @@ def generate(
     drafter: str,
     num_draft: Optional[int],
     max_tokens: int,
-    temp: float,
-    top_p: float,
-    top_k: int,
-    min_p: float,
-    seed: Optional[int],
+    options: GenerationOptions,
     system: Optional[str],
     no_chat_template: bool,
     enable_thinking: Optional[bool],
@@ -158,14 +192,12 @@ def generate(
     """Generate from PROMPT (or stdin, when PROMPT is '-' or left out)."""
     prompt = _read_prompt(prompt)
     model_path = model_path or _default_model()
+    options = options.replace(
+        num_draft=num_draft, max_tokens=max_tokens, system=system, chat_template=not no_chat_template,
+        enable_thinking=enable_thinking, stop=stop, max_context=max_context,
+    )
     try:
-        _generate(
-            prompt, model_path, drafter, num_draft,
-            dict(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
-                 system=system, chat_template=not no_chat_template, enable_thinking=enable_thinking,
-                 stop=list(stop), max_context=max_context),
-            as_json,
-        )
+        _generate(prompt, model_path, drafter, options, as_json)
     except KeyboardInterrupt:  # while loading: nothing to report
         click.echo(file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
@@ -198,8 +230,7 @@ def _runtime_errors() -> tuple:
     return (ModelNotFoundError, CheckpointError, DrafterUnavailableError, ContextLengthError)
 
 
-def _generate(prompt: str, model_path: str, drafter: str, num_draft: Optional[int],
-              options: Dict[str, Any], as_json: bool) -> None:
+def _generate(prompt: str, model_path: str, drafter: str, options: GenerationOptions, as_json: bool) -> None:
     from .api import stream_generate  # imported late: keeps `--help` fast
 
     known = _runtime_errors()
@@ -210,12 +241,12 @@ def _generate(prompt: str, model_path: str, drafter: str, num_draft: Optional[in
     except (OSError, ValueError) as e:  # tokenizer or config problems
         _fail(e, prefix=f"cannot load {model_path}: ")
 
-    if num_draft is None:
-        num_draft = model.default_num_draft
-    if model.drafter is None:
-        click.echo(f"note: {model.drafter_note or 'no drafter'}", err=True)
-    elif num_draft == 0:
-        click.echo("note: drafting disabled (-k 0); plain decoding", err=True)
+    if options.num_draft is None:
+        options = options.replace(num_draft=model.default_num_draft)
+    num_draft = options.num_draft
+    _show_notes(model)
+    if model.drafter is not None and num_draft == 0:
+        _note("drafting disabled (-k 0); plain decoding")
 
     out = sys.stdout
     text: List[str] = []
@@ -225,7 +256,7 @@ def _generate(prompt: str, model_path: str, drafter: str, num_draft: Optional[in
     passes = 0
     interrupted = False
     try:
-        for response in stream_generate(model, tokenizer, prompt, num_draft=num_draft, **options):
+        for response in stream_generate(model, tokenizer, prompt, options):
             stats = response.stats
             # One trace entry per verify pass: the prefill and a trailing
             # text-only response do not advance target_passes.
@@ -266,23 +297,31 @@ def _generate(prompt: str, model_path: str, drafter: str, num_draft: Optional[in
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _load(model_path: str, drafter: str):
-    """load(), with stray prints and warnings kept off stdout: warnings become
-    `warning: ...` lines on stderr."""
+def _load(model_path: str, drafter: str) -> tuple:
+    """load(), with stray prints and warnings kept off stdout: each distinct
+    warning becomes one `warning: ...` line on stderr. The drafter's notes are
+    not warnings; `_show_notes` prints them."""
     from .api import load
 
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(sys.stderr):
-        warnings.simplefilter("always")
+        # "default": a warning raised again from the same place is recorded once.
+        warnings.simplefilter("default")
         model, tokenizer = load(model_path, drafter=drafter)
-    seen = set()
     for w in caught:
-        message = str(w.message)
-        # The drafter fallback is reported once, as the note.
-        if message in seen or (model.drafter_note and message.split(";")[0] in model.drafter_note):
-            continue
-        seen.add(message)
-        click.echo(f"warning: {message}", err=True)
+        click.echo(f"warning: {cli_words(str(w.message))}", err=True)
     return model, tokenizer
+
+
+def _note(message: str) -> None:
+    click.echo(f"note: {cli_words(message)}", err=True)
+
+
+def _show_notes(model: Any) -> None:
+    """Why drafting is off, or what the loaded drafter had to fall back on."""
+    if model.drafter is None:
+        _note(model.drafter_note or "no drafter")
+    elif model.drafter.note:
+        _note(model.drafter.note)
 
 
 def _end_stream(as_json: bool, text: List[str]) -> None:
@@ -298,7 +337,7 @@ def _end_stream(as_json: bool, text: List[str]) -> None:
 
 
 def _fail(e: BaseException, prefix: str = "") -> None:
-    _error(prefix + (str(e) or type(e).__name__))
+    _error(prefix + cli_words(str(e) or type(e).__name__))
     sys.exit(EXIT_ERROR)
 
 
@@ -309,39 +348,12 @@ STATS_KEYS = (
 )
 
 
-def _stats_dict(stats, num_draft: int) -> Dict[str, Any]:
+def _stats_dict(stats: Any, num_draft: Any) -> Dict[str, Any]:
     if stats is None:  # interrupted before the prefill finished
         from .engine import Stats
 
         stats = Stats(num_draft=num_draft, finish_reason="interrupted")
     return stats.to_dict()
-
-
-def _memory(gb: float) -> str:
-    return f"{gb:.2f} GB" if gb >= 0.1 else f"{gb * 1000:.1f} MB"
-
-
-def format_stats(stats) -> str:
-    """One readable line, e.g.
-    [mtp k=3] prompt 12 tok @ 850 tok/s | 64 tok @ 120.3 tok/s | acceptance 71% (45/63) | ..."""
-    d = stats.to_dict()
-    parts = [
-        f"[{stats.drafter} k={stats.num_draft}] prompt {stats.prompt_tokens} tok @ {d['prefill_tokens_per_s']:.0f} tok/s",
-        f"{stats.generated_tokens} tok @ {d['decode_tokens_per_s']:.1f} tok/s",
-    ]
-    if stats.draft_tokens:
-        parts.append(
-            f"acceptance {100 * stats.acceptance_rate:.0f}% ({stats.accepted_tokens}/{stats.draft_tokens})"
-        )
-    parts += [
-        f"{stats.tokens_per_pass:.1f} tok/pass",
-        f"{stats.host_syncs_per_cycle:.1f} syncs/cycle",
-        f"peak {_memory(d['peak_memory_gb'])}",
-    ]
-    if stats.finish_reason and stats.finish_reason != "length":
-        parts.append(f"finish {stats.finish_reason}")
-    return " | ".join(parts)
-
 
 
 def _draft_lengths(ctx, param, value: str) -> List[int]:
@@ -360,16 +372,16 @@ def _draft_lengths(ctx, param, value: str) -> List[int]:
 @click.option("-k", "--num-draft", "num_drafts", default="1,2,3,4", show_default=True, callback=_draft_lengths,
               help="Draft lengths to compare with the k=0 baseline, comma-separated.")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=192, show_default=True)
-@click.option("--temp", type=_Finite(lo=0.0), default=0.0, show_default=True,
-              help="Sampling temperature (0: greedy, and the lossless check runs).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@sampling_options(temp_help="Sampling temperature (0: greedy, and the lossless check runs).", seed_default=0,
+                  seed_help=None)
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON lines with a \"prompt\" (and \"category\") per line. Default: the bundled suite.")
 @click.option("--json-out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write every figure to this JSON file.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Save a PNG of tok/s and speedup per category and mode (needs matplotlib).")
-def bench(models, num_drafts, max_tokens, temp, seed, prompts_file, json_out, plot_file) -> None:
+def bench(models: tuple, num_drafts: List[int], max_tokens: int, options: GenerationOptions,
+          prompts_file: Optional[str], json_out: Optional[str], plot_file: Optional[str]) -> None:
     """Compare plain decoding with drafting, prompt by prompt."""
     from . import bench as bench_mod
     from .defaults import DEFAULT_MODEL_ORDER, demo_model_path
@@ -384,9 +396,10 @@ def bench(models, num_drafts, max_tokens, temp, seed, prompts_file, json_out, pl
     failed = False
     for model_path in models:
         model, tokenizer = _load_or_fail(model_path, "auto")
+        _show_notes(model)
         try:
             report = bench_mod.run_bench(model, tokenizer, num_drafts=num_drafts, prompts=prompts,
-                                         max_tokens=max_tokens, temp=temp, seed=seed, echo=click.echo)
+                                         options=options.replace(max_tokens=max_tokens), echo=click.echo)
         except ValueError as e:
             _fail(e)
         failed |= bool(report["lossless_mismatches"])
@@ -406,7 +419,7 @@ def bench(models, num_drafts, max_tokens, temp, seed, prompts_file, json_out, pl
         sys.exit(EXIT_ERROR)
 
 
-def _load_or_fail(model_path: str, drafter: str):
+def _load_or_fail(model_path: str, drafter: str) -> tuple:
     try:
         return _load(model_path, drafter)
     except _runtime_errors() as e:
@@ -418,17 +431,12 @@ def _load_or_fail(model_path: str, drafter: str):
 @main.command()
 @click.option("-m", "--model", "model_path", default=None, metavar="PATH_OR_REPO",
               help="Local model directory, .gguf file or Hugging Face repo id. Default: the bundled demo model.")
-@click.option("--drafter", default="auto", show_default=True, metavar="auto|none|mtp|PATH",
+@click.option("--drafter", type=_DrafterArg(), default="auto", show_default=True, metavar="auto|none|mtp|PATH",
               help="auto: the MTP head when there is one; mtp: require it; none: plain decoding; "
                    "or a separate drafter model.")
 @click.option("-k", "--num-draft", type=click.IntRange(min=0, max=16), default=None,
               help="Tokens drafted per cycle (default: the drafter's; 0: plain decoding). /draft N changes it.")
-@click.option("--temp", type=_Finite(lo=0.0), default=0.0, show_default=True,
-              help="Sampling temperature (0: greedy). /temp T changes it.")
-@click.option("--top-p", type=_Finite(lo=0.0, hi=1.0, lo_open=True), default=1.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--min-p", type=_Finite(lo=0.0, hi=1.0), default=0.0, show_default=True)
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@sampling_options(temp_help="Sampling temperature (0: greedy). /temp T changes it.")
 @click.option("--system", default=None, help="System message. /system TEXT changes it.")
 @click.option("--thinking/--no-thinking", "enable_thinking", default=None,
               help="The chat template's thinking mode (default: the template's). /think on|off changes it.")
@@ -437,17 +445,17 @@ def _load_or_fail(model_path: str, drafter: str):
 @click.option("--markdown", is_flag=True, help="Start in the Markdown view instead of the draft view (F2 toggles).")
 @click.option("--max-context", type=click.IntRange(min=2), default=None, hidden=True,
               help="Override the model's context length.")
-def chat(model_path: Optional[str], drafter: str, num_draft: Optional[int], temp: float, top_p: float,
-         top_k: int, min_p: float, seed: Optional[int], system: Optional[str], enable_thinking: Optional[bool],
-         max_tokens: int, markdown: bool, max_context: Optional[int]) -> None:
+def chat(model_path: Optional[str], drafter: str, num_draft: Optional[int], options: GenerationOptions,
+         system: Optional[str], enable_thinking: Optional[bool], max_tokens: int, markdown: bool,
+         max_context: Optional[int]) -> None:
     """Chat in the terminal, with drafted tokens shown as they are accepted."""
     try:
-        from apps.chat.app import run
-    except ImportError as e:  # textual missing, or apps/ not installed
+        from .apps.chat.app import run
+    except ImportError as e:  # textual missing
         _fail(e, prefix="the chat app cannot start: ")
-    run(model_path, drafter=drafter, num_draft=num_draft, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        seed=seed, system=system, enable_thinking=enable_thinking, max_tokens=max_tokens,
-        max_context=max_context, show_drafts=not markdown)
+    options = options.replace(num_draft=num_draft, system=system, enable_thinking=enable_thinking,
+                              max_tokens=max_tokens, max_context=max_context)
+    run(model_path, options, drafter=drafter, show_drafts=not markdown)
 
 
 # --- checkpoints: convert / graft / inspect (issue #4) -------------------------

@@ -4,8 +4,11 @@ Per cycle, all of it built as one lazy graph and evaluated with one host sync:
   1. the drafter proposes k tokens (autoregressively, inside the graph);
   2. the target verifies [last token, d_1..d_k] in one forward pass;
   3. the accept rule keeps the longest valid prefix plus one bonus token.
-Then, on the host: roll every cache back to exactly that prefix and hand the
-verified hidden states to the drafter. k = 0 is plain decoding.
+Then, on the host: cut at a stop, roll every cache back to exactly the kept
+prefix and hand the verified hidden states to the drafter. k = 0 is plain
+decoding. The draft length is fixed (`num_draft=N`) or chosen per cycle by
+the adaptive policy (`num_draft="auto"`, see draft_policy.py).
+See docs/engine.md for the accept rules and the speedup arithmetic.
 """
 
 from __future__ import annotations
@@ -13,13 +16,30 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
 from .drafters.base import Drafter
+from .models.base import Target
 from .models.rollback import rollback, set_recording
+from .options import AUTO, NumDraft
 from .sampling import SamplingParams, accept_greedy, accept_sampled, sample
+
+if TYPE_CHECKING:
+    from .draft_policy import StepCosts
+
+#: Largest draft length `num_draft="auto"` considers.
+AUTO_MAX_DRAFT = 6
+#: While the policy decodes plainly, the drafter catches up on the skipped
+#: positions in batches of this many (one cheap batched pass instead of a
+#: drafter step per token), and always before it drafts again.
+CATCH_UP_BATCH = 64
+#: The drafter reads only this many of the newest prompt positions during
+#: prefill: its pass over a long prompt is what makes prefill slower with
+#: drafting on, and drafts depend mostly on recent context. Output never
+#: changes; only acceptance right after a long prompt can.
+DRAFTER_PREFILL_WINDOW = 256
 
 
 class ContextLengthError(ValueError):
@@ -39,7 +59,7 @@ class Cycle:
 @dataclass
 class Stats:
     drafter: str = "none"
-    num_draft: int = 0
+    num_draft: NumDraft = 0  # as asked: an int, or "auto"
     prompt_tokens: int = 0
     prefilled_tokens: int = 0  # prompt tokens actually run (fewer when a prompt cache was reused)
     generated_tokens: int = 0
@@ -52,11 +72,19 @@ class Stats:
     finish_reason: Optional[str] = None
     accepted_per_position: List[int] = field(default_factory=list)
     drafted_per_position: List[int] = field(default_factory=list)
+    k_histogram: Dict[int, int] = field(default_factory=dict)  # draft length -> cycles
+    parked_reason: Optional[str] = None  # why "auto" decodes plainly right now
+    last_k: int = 0  # the draft length of the newest cycle
 
     @property
     def acceptance_rate(self) -> float:
         """accepted / drafted (llama.cpp's 'rate')."""
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def acceptance_per_depth(self) -> List[float]:
+        """Fraction of drafts accepted at each depth, of those drafted that deep."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
 
     @property
     def tokens_per_pass(self) -> float:
@@ -67,6 +95,12 @@ class Stats:
     @property
     def host_syncs_per_cycle(self) -> float:
         return self.host_syncs / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def parked_fraction(self) -> float:
+        """Fraction of cycles that drafted nothing."""
+        cycles = sum(self.k_histogram.values())
+        return self.k_histogram.get(0, 0) / cycles if cycles else 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -85,10 +119,24 @@ class Stats:
             "host_syncs_per_cycle",
             "prefill_tokens_per_s",
             "decode_tokens_per_s",
+            "parked_fraction",
         ):
             d[name] = round(getattr(self, name), 4)
+        d["acceptance_per_depth"] = [round(a, 4) for a in self.acceptance_per_depth]
+        d["k_histogram"] = {str(k): v for k, v in sorted(self.k_histogram.items())}
         d["peak_memory_gb"] = round(mx.get_peak_memory() / 1e9, 4)
         return d
+
+    def record_cycle(self, k: int, accepted: int) -> None:
+        self.target_passes += 1
+        self.host_syncs += 1
+        self.draft_tokens += k
+        self.accepted_tokens += accepted
+        self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
+        self.last_k = k
+        for j in range(k):
+            self.drafted_per_position[j] += 1
+            self.accepted_per_position[j] += int(j < accepted)
 
 
 def _cache_arrays(cache: List[Any]) -> List[mx.array]:
@@ -99,7 +147,7 @@ def _cache_arrays(cache: List[Any]) -> List[mx.array]:
     return out
 
 
-def context_length(model) -> int:
+def context_length(model: Target) -> int:
     return int(model.context_length)
 
 
@@ -113,6 +161,7 @@ class PromptCache:
     tokens: List[int] = field(default_factory=list)  # tokens held by `cache`
     last_hidden: Optional[mx.array] = None  # target hidden state of tokens[-1]
     drafter: Optional[Drafter] = None  # the drafter that has seen `tokens`
+    feed: Optional["_DrafterFeed"] = None  # with what it has still to read
 
     def reusable_for(self, prompt: List[int], drafter: Optional[Drafter]) -> bool:
         # Recurrent (Gated-DeltaNet) state cannot be trimmed at will, so the
@@ -126,15 +175,146 @@ class PromptCache:
         )
 
     def clear(self) -> None:
-        self.cache, self.tokens, self.last_hidden, self.drafter = None, [], None, None
+        self.cache, self.tokens, self.last_hidden, self.drafter, self.feed = None, [], None, None, None
+
+
+class _FixedDraftLength:
+    """The policy for `num_draft=N`: exactly N every cycle."""
+
+    def __init__(self, k: int):
+        self.k = self.k_max = k
+
+    def choose(self) -> int:
+        return self.k
+
+    def update(self, k: int, accepted: int, seconds: float) -> None:
+        pass
+
+    def reason(self) -> Optional[str]:
+        return None
+
+
+class _DrafterFeed:
+    """The drafter's view of the sequence. Observations are handed over
+    lazily; while nothing is drafted they are batched (CATCH_UP_BATCH) so a
+    parked drafter costs one batched pass per batch, not a step per token."""
+
+    def __init__(self, drafter: Drafter):
+        self.drafter = drafter
+        self.tokens: List[mx.array] = []
+        self.hidden: List[mx.array] = []
+        self.pending = 0
+
+    def observe(self, next_tokens: mx.array, hidden: mx.array, batch: bool = False) -> None:
+        self.tokens.append(next_tokens)
+        self.hidden.append(hidden)
+        self.pending += hidden.shape[1]
+        if not batch or self.pending >= CATCH_UP_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        tokens = self.tokens[0] if len(self.tokens) == 1 else mx.concatenate(self.tokens)
+        hidden = self.hidden[0] if len(self.hidden) == 1 else mx.concatenate(self.hidden, axis=1)
+        self.drafter.observe(tokens, hidden)
+        self.tokens, self.hidden, self.pending = [], [], 0
+
+
+def _validate(prompt: List[int], num_draft: NumDraft, max_tokens: int, ctx: int) -> None:
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if num_draft != AUTO and (not isinstance(num_draft, int) or num_draft < 0):
+        raise ValueError(f"num_draft must be an integer >= 0 or {AUTO!r}, got {num_draft!r}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if len(prompt) >= ctx:
+        raise ContextLengthError(f"the prompt has {len(prompt)} tokens but the model's context is {ctx} tokens")
+
+
+def _make_policy(num_draft: NumDraft, drafter: Optional[Drafter], costs: Optional["StepCosts"]):
+    if drafter is None:
+        return _FixedDraftLength(0), 0
+    if num_draft == AUTO:
+        from .draft_policy import DraftPolicy
+
+        k_max = max(AUTO_MAX_DRAFT, drafter.default_num_draft)
+        return DraftPolicy(k_max, costs), k_max
+    return _FixedDraftLength(int(num_draft)), int(num_draft)
+
+
+def _prefill(
+    model: Target,
+    prompt: List[int],
+    begin: int,
+    cache: List[Any],
+    feed: Optional[_DrafterFeed],
+    prev_hidden: Optional[mx.array],
+    params: SamplingParams,
+    key: mx.array,
+    step_size: int,
+) -> Tuple[mx.array, mx.array]:
+    """Run prompt[begin:] through the target in chunks (logits only for the
+    last position) and let the drafter read the newest positions. Returns
+    (first sampled token, hidden state of the last prompt position)."""
+    tokens = mx.array(prompt, mx.int32)
+    # Positions the drafter reads: the newest DRAFTER_PREFILL_WINDOW.
+    drafter_from = max(begin, len(prompt) - DRAFTER_PREFILL_WINDOW)
+    if feed is not None and drafter_from > begin:
+        # A gap in what it has seen would skew its positions: start it afresh.
+        feed.drafter.reset()
+        prev_hidden = None
+    first = hidden = None
+    for start in range(begin, len(prompt), step_size):
+        end = min(start + step_size, len(prompt))
+        hidden = model.hidden(tokens[None, start:end], cache)
+        if end == len(prompt):
+            first, _ = sample(model.logits(hidden[:, -1, :])[0], params, key)
+            next_tokens = mx.concatenate([tokens[start + 1 : end], first[None]])
+        else:
+            next_tokens = tokens[start + 1 : end + 1]
+        lazy = []
+        if feed is not None and end > drafter_from:
+            if prev_hidden is not None:
+                feed.observe(tokens[start : start + 1], prev_hidden)
+                prev_hidden = None
+            skip = max(0, drafter_from - start)
+            feed.observe(next_tokens[skip:], hidden[:, skip:, :])
+            lazy = feed.drafter.lazy_state()
+        mx.eval(_cache_arrays(cache) + lazy + ([first] if first is not None else []))
+    return first, hidden[:, -1:, :]
+
+
+def cut_at_stop(
+    emitted: List[int], accepted: int, eos: set, generated: int, max_tokens: int
+) -> Tuple[List[int], Optional[str], int]:
+    """The tokens of one cycle that are kept, why the sequence ends (or
+    None), and `cut`: how many of the verified positions after `last` stay
+    in the caches. The token at `cut` is the newest sampled one (EOS, the
+    last kept, or the bonus): like every "last" token, it is not cached."""
+    kept: List[int] = []
+    reason = None
+    for token in emitted:
+        if token in eos:
+            reason = "stop"
+            break
+        kept.append(token)
+        if generated + len(kept) >= max_tokens:
+            reason = "length"
+            break
+    if reason == "stop":
+        return kept, reason, len(kept)
+    if reason == "length":
+        return kept, reason, len(kept) - 1
+    return kept, None, accepted
 
 
 def decode(
-    model,
+    model: Target,
     prompt: Sequence[int],
     *,
     drafter: Optional[Drafter] = None,
-    num_draft: int = 0,
+    num_draft: NumDraft = 0,
     params: SamplingParams = SamplingParams(),
     max_tokens: int = 256,
     eos_token_ids: Sequence[int] = (),
@@ -144,10 +324,18 @@ def decode(
     stats: Optional[Stats] = None,
     cache: Optional[List[Any]] = None,
     prompt_cache: Optional[PromptCache] = None,
+    costs: Optional["StepCosts"] = None,
+    policy: Optional[Any] = None,
 ) -> Iterator[Cycle]:
     """Generate from `prompt` token ids; yields one `Cycle` for the prefill and
     one per draft/verify cycle. `stats` is updated in place as it goes.
 
+    `num_draft`: tokens drafted per cycle, or "auto" to let the adaptive
+    policy choose each cycle (0 when drafting does not pay), warm-started
+    from `costs` (a calibration from `mlx-mtp tune`) when given.
+    `policy`: any object with `k_max`, `choose()`, `update(k, accepted,
+    seconds)` and `reason()` to pick the draft length instead (tests use a
+    scripted one).
     `cache`: an empty list from `model.make_cache()` to keep (and inspect) the
     target's cache; by default a fresh one is made.
     `prompt_cache`: reuse the state a previous call left when `prompt` extends
@@ -155,72 +343,52 @@ def decode(
     drafter keeps following the sequence even at num_draft=0, so drafting
     can be switched back on without a full re-prefill."""
     prompt = [int(t) for t in prompt]
-    if not prompt:
-        raise ValueError("the prompt is empty")
-    if num_draft < 0:
-        raise ValueError(f"num_draft must be >= 0, got {num_draft}")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     ctx = max_context or context_length(model)
-    if len(prompt) >= ctx:
-        raise ContextLengthError(
-            f"the prompt has {len(prompt)} tokens but the model's context is {ctx} tokens"
-        )
-    if drafter is None:
-        num_draft = 0
-    elif num_draft == 0 and prompt_cache is None:
+    _validate(prompt, num_draft, max_tokens, ctx)
+    if drafter is not None and num_draft == 0 and prompt_cache is None:
         drafter = None  # plain decoding: no drafter work at all
+    if policy is None or drafter is None:
+        policy, k_max = _make_policy(num_draft, drafter, costs)
+    else:
+        k_max = policy.k_max
     stats = stats if stats is not None else Stats()
     stats.drafter = drafter.name if (drafter and num_draft) else "none"
-    stats.num_draft = num_draft
+    stats.num_draft = num_draft if drafter is not None else 0
     stats.prompt_tokens = len(prompt)
-    stats.accepted_per_position = [0] * num_draft
-    stats.drafted_per_position = [0] * num_draft
+    stats.accepted_per_position = [0] * k_max
+    stats.drafted_per_position = [0] * k_max
     eos = set(int(t) for t in eos_token_ids)
     key = mx.random.key(seed if seed is not None else random.getrandbits(32))
 
-    # Prefill in chunks; logits only for the last position.
     start_time = time.perf_counter()
-    tokens = mx.array(prompt, mx.int32)
     reuse = prompt_cache is not None and prompt_cache.reusable_for(prompt, drafter)
     if reuse:
         cache, begin, prev_hidden = prompt_cache.cache, len(prompt_cache.tokens), prompt_cache.last_hidden
-        if drafter is not None:
+        feed = prompt_cache.feed
+        if feed is not None:
             # Its newest entry paired h(tokens[-1]) with a token we had not
             # seen for sure (the last sampled one): redo it with the real one.
+            feed.flush()
             drafter.rewind(1)
     else:
         cache = model.make_cache() if cache is None else cache
         begin, prev_hidden = 0, None
+        feed = None
         if drafter is not None:
             drafter.reset()
+    if drafter is not None and feed is None:
+        feed = _DrafterFeed(drafter)
     if drafter is not None:
         drafter.bind(model, cache)
     stats.prefilled_tokens = len(prompt) - begin
-    first = None
-    for start in range(begin, len(prompt), prefill_step_size):
-        end = min(start + prefill_step_size, len(prompt))
-        hidden = model.hidden(tokens[None, start:end], cache)
-        if end == len(prompt):
-            key, sub = mx.random.split(key)
-            first, _ = sample(model.logits(hidden[:, -1, :])[0], params, sub)
-            next_tokens = mx.concatenate([tokens[start + 1 : end], first[None]])
-        else:
-            next_tokens = tokens[start + 1 : end + 1]
-        if drafter is not None:
-            if prev_hidden is not None:
-                drafter.observe(tokens[start : start + 1], prev_hidden)
-                prev_hidden = None
-            drafter.observe(next_tokens, hidden)
-        lazy = drafter.lazy_state() if drafter is not None else []
-        mx.eval(_cache_arrays(cache) + lazy + ([first] if first is not None else []))
+    key, sub = mx.random.split(key)
+    first, last_hidden = _prefill(model, prompt, begin, cache, feed, prev_hidden, params, sub, prefill_step_size)
     cache_tokens = list(prompt)
-    last_hidden = hidden[:, -1:, :]
 
     def save_prompt_cache():
         if prompt_cache is not None:
             prompt_cache.cache, prompt_cache.tokens = cache, cache_tokens
-            prompt_cache.last_hidden, prompt_cache.drafter = last_hidden, drafter
+            prompt_cache.last_hidden, prompt_cache.drafter, prompt_cache.feed = last_hidden, drafter, feed
 
     last = int(first.item())
     stats.prefill_s = time.perf_counter() - start_time
@@ -241,11 +409,17 @@ def decode(
     no_drafts = mx.zeros((0,), mx.int32)
 
     def build_cycle(last_token: mx.array, k: int):
-        """Steps 1-3 as one lazy graph: draft, verify, accept."""
+        """Steps 1-3 as one lazy graph: draft, verify, accept. Returns the
+        packed result [n, d_1..d_k, bonus], the verify hidden states and k."""
         nonlocal key
-        key, draft_key, verify_key = mx.random.split(key, 3)
+        if k:
+            feed.flush()  # a parked drafter catches up before it drafts
+        if params.greedy:
+            draft_key = verify_key = None
+        else:
+            key, draft_key, verify_key = mx.random.split(key, 3)
         drafts, draft_probs = drafter.draft(k, params, draft_key) if k else (no_drafts, None)
-        verify_input = mx.concatenate([last_token.reshape(1), drafts])[None]
+        verify_input = mx.concatenate([last_token.reshape(1), drafts])[None] if k else last_token.reshape(1, 1)
         set_recording(cache, k > 0)  # only a draft can need a rollback
         hidden = model.hidden(verify_input, cache)
         set_recording(cache, False)
@@ -257,7 +431,13 @@ def decode(
         packed = mx.concatenate([n.reshape(1), drafts, bonus.reshape(1)])
         return packed, hidden, k
 
-    queued = None  # plain decoding: the next step, already on the device
+    def draft_length(generated: int, position: int) -> int:
+        # Never draft past max_tokens or the context.
+        return max(0, min(policy.choose(), max_tokens - generated - 1, ctx - position - 1))
+
+    queued = None  # a k=0 step already on the device (plain decoding pipeline)
+    planned = None  # the draft length already chosen for the next cycle
+    cycle_start = decode_start
     while True:
         generated = stats.generated_tokens
         position = len(prompt) + generated - 1  # where `last` goes
@@ -267,59 +447,48 @@ def decode(
         if queued is not None:
             (packed, hidden, k), queued = queued, None
         else:
-            # Never draft past max_tokens or the context.
-            k = max(0, min(num_draft, max_tokens - generated - 1, ctx - position - 1))
+            k = draft_length(generated, position) if planned is None else planned
             packed, hidden, k = build_cycle(mx.array([last], mx.int32), k)
-        if drafter is None and prompt_cache is None and generated + 1 < max_tokens and position + 1 < ctx:
-            # Without a drafter nothing depends on the host: queue the next
-            # step on the lazy bonus token so the device never waits (as
-            # mlx-lm's generate_step does).
+        planned = None
+        if k == 0 and prompt_cache is None and generated + 1 < max_tokens and position + 1 < ctx:
+            planned = draft_length(generated + 1, position + 1)
+        if planned == 0:
+            planned = None
+            # Nothing the next plain step needs is on the host: queue it on
+            # the lazy bonus token so the device never waits (as mlx-lm's
+            # generate_step does). Without a prompt cache a stop can simply
+            # drop it; the drafter sees the step through the feed.
+            if feed is not None:
+                feed.observe(packed[-1:], hidden, batch=True)
             queued = build_cycle(packed[-1:], 0)
             mx.async_eval(queued[0])
-        out = packed.tolist()  # the one host sync of the cycle
-        stats.host_syncs += 1
-        stats.target_passes += 1
-
-        n, drafted, bonus = out[0], out[1 : k + 1], out[k + 1]
-        emitted = drafted[:n] + [bonus]
-        stats.draft_tokens += k
-        stats.accepted_tokens += n
-        for j in range(k):
-            stats.drafted_per_position[j] += 1
-            stats.accepted_per_position[j] += int(j < n)
-
-        # A stop inside the emitted tokens ends the sequence there.
-        kept: List[int] = []
-        for token in emitted:
-            if token in eos:
-                stats.finish_reason = "stop"
-                break
-            kept.append(token)
-            if generated + len(kept) >= max_tokens:
-                stats.finish_reason = "length"
-                break
-        # The token at `cut` is the newest sampled one (EOS, the last kept, or
-        # the bonus): like every "last" token, it is not in the cache.
-        if stats.finish_reason == "stop":
-            cut = len(kept)
-        elif stats.finish_reason == "length":
-            cut = len(kept) - 1
+            observed = True
         else:
-            cut = n
+            observed = False
+        out = packed.tolist()  # the one host sync of the cycle
+        now = time.perf_counter()
+        n, drafted, bonus = out[0], out[1 : k + 1], out[k + 1]
+        stats.record_cycle(k, n)
+        policy.update(k, n, now - cycle_start)
+        cycle_start = now
+        emitted = drafted[:n] + [bonus]
+        kept, stats.finish_reason, cut = cut_at_stop(emitted, n, eos, generated, max_tokens)
 
-        # 4-5: roll back to the accepted prefix, seed the drafter.
+        # Roll back to the kept prefix and seed the drafter.
         if k:
             rollback(cache, k + 1, cut + 1)
-        if drafter is not None:
-            drafter.observe(mx.array(emitted[: cut + 1], mx.int32), hidden[:, : cut + 1, :])
+        if feed is not None and not observed:
+            feed.observe(mx.array(emitted[: cut + 1], mx.int32), hidden[:, : cut + 1, :], batch=k == 0)
         cache_tokens.extend([last] + emitted[:cut])
         last_hidden = hidden[:, cut : cut + 1, :]
-        save_prompt_cache()
-
+        stats.parked_reason = policy.reason()
         stats.generated_tokens += len(kept)
         stats.decode_s = time.perf_counter() - decode_start
+        save_prompt_cache()
         yield Cycle(kept, [i < n for i in range(len(kept))], drafted, n)
         if stats.finish_reason is not None:
+            if feed is not None:
+                feed.flush()  # lazy: leaves the drafter complete for whoever inspects it
             return
         last = bonus
 
@@ -336,13 +505,13 @@ def _mean_seconds(fn, repeats: int) -> float:
 
 
 def measure_step_costs(
-    model,
+    model: Target,
     drafter: Drafter,
     prompt: Sequence[int],
     max_verify: int,
     draft_steps: int = 1,
     repeats: int = 10,
-) -> dict:
+) -> "StepCosts":
     """Seconds per target pass over 1..`max_verify` tokens (recording on, as
     a verify pass runs it) and per draft step, in the state left by a short
     real generation from `prompt`. Every pass is rolled back afterwards, so
@@ -369,11 +538,13 @@ def measure_step_costs(
         mx.eval(tokens)
         drafter.rewind(0)
 
+    from .draft_policy import StepCosts
+
     verify = {n: _mean_seconds(target_pass(n), repeats) for n in range(1, max_verify + 1)}
-    return {"verify": verify, "draft": _mean_seconds(draft_run, repeats) / draft_steps}
+    return StepCosts(verify=verify, draft=_mean_seconds(draft_run, repeats) / draft_steps)
 
 
-def draft_step_cost(model, drafter: Drafter, prompt: Sequence[int], k: int) -> float:
+def draft_step_cost(model: Target, drafter: Drafter, prompt: Sequence[int], k: int) -> float:
     """c: one draft step's cost relative to one target decode step."""
     costs = measure_step_costs(model, drafter, prompt, max_verify=1, draft_steps=k)
-    return costs["draft"] / costs["verify"][1]
+    return costs.draft / costs.verify[1]

@@ -136,10 +136,11 @@ def test_context_full(loaded):
 
 
 def _app(loaded, **options):
-    from apps.chat.app import ChatApp
+    from mlx_mtp.apps.chat.app import ChatApp
+    from mlx_mtp.chat_session import CHAT_OPTIONS
 
     options.setdefault("max_tokens", 64)
-    return ChatApp(str(TINY), loaded=loaded, **options)
+    return ChatApp(str(TINY), CHAT_OPTIONS.replace(**options), loaded=loaded)
 
 
 async def _wait(pilot, condition, timeout: float = 20.0) -> None:
@@ -151,7 +152,7 @@ async def _wait(pilot, condition, timeout: float = 20.0) -> None:
 
 
 async def _send(app, pilot, text: str) -> None:
-    from apps.chat.app import ChatInput
+    from mlx_mtp.apps.chat.app import ChatInput
 
     box = app.chat_screen.query_one(ChatInput)
     box.load_text(text)
@@ -166,7 +167,7 @@ def _statsbar(app) -> str:
 
 
 def test_app_streams_text_and_stats(loaded, monkeypatch, tmp_path):
-    from apps.chat import app as chat_app
+    from mlx_mtp.apps.chat import app as chat_app
 
     monkeypatch.setattr(chat_app, "UPDATE_INTERVAL_S", 0.0)
     updates = []
@@ -230,7 +231,7 @@ def test_app_toggle_drafting_and_commands(loaded):
             assert app.session.system == "be brief" and app.session.tokens is None
             await _send(app, pilot, "/draft lots")
             await _send(app, pilot, "/nope")
-            from apps.chat.app import Notice
+            from mlx_mtp.apps.chat.app import Notice
 
             errors = [str(n.render()) for n in app.chat_screen.query(Notice) if n.has_class("-error")]
             assert any("/draft N" in e for e in errors) and any("Unknown command /nope" in e for e in errors)
@@ -243,7 +244,7 @@ def test_app_toggle_drafting_and_commands(loaded):
 
 
 def test_app_cancel_then_send_again(loaded, monkeypatch):
-    from apps.chat.app import AssistantMessage
+    from mlx_mtp.apps.chat.app import AssistantMessage
 
     model, tokenizer = loaded
     _no_eos(monkeypatch, tokenizer)
@@ -252,7 +253,7 @@ def test_app_cancel_then_send_again(loaded, monkeypatch):
         app = _app(loaded, max_tokens=1500)
         async with app.run_test(size=(100, 32)) as pilot:
             await _wait(pilot, lambda: app.session is not None)
-            from apps.chat.app import ChatInput
+            from mlx_mtp.apps.chat.app import ChatInput
 
             app.chat_screen.query_one(ChatInput).load_text("talk for a long time")
             await pilot.press("enter")
@@ -290,7 +291,7 @@ def test_app_cancel_then_send_again(loaded, monkeypatch):
 
 
 def test_app_clear_save_and_load(loaded, tmp_path):
-    from apps.chat.app import AssistantMessage, UserMessage
+    from mlx_mtp.apps.chat.app import AssistantMessage, UserMessage
 
     async def main():
         app = _app(loaded)
@@ -320,7 +321,7 @@ def test_app_clear_save_and_load(loaded, tmp_path):
 
 
 def test_app_input_newlines_and_history(loaded):
-    from apps.chat.app import ChatInput
+    from mlx_mtp.apps.chat.app import ChatInput
 
     async def main():
         app = _app(loaded)
@@ -347,7 +348,7 @@ def test_app_input_newlines_and_history(loaded):
 
 
 def test_app_loads_with_progress_and_reports_errors(tmp_path):
-    from apps.chat.app import ChatApp, LoadingScreen
+    from mlx_mtp.apps.chat.app import ChatApp, LoadingScreen
 
     async def main():
         app = ChatApp(None)  # the bundled default model
@@ -368,7 +369,7 @@ def test_app_loads_with_progress_and_reports_errors(tmp_path):
 
 
 def test_app_context_full_offers_clear(loaded, monkeypatch):
-    from apps.chat.app import ChatInput, Notice
+    from mlx_mtp.apps.chat.app import ChatInput, Notice
 
     model, tokenizer = loaded
     _no_eos(monkeypatch, tokenizer)  # the answer runs into the context limit

@@ -97,7 +97,8 @@ def test_declared_head_missing_weights(tmp_path):
         warnings.simplefilter("always")
         drafter, note = make_drafter(loaded, "auto")
     assert drafter is None and "plain decoding" in note
-    assert any("no mtp.* weights" in str(w.message) for w in caught)
+    # The reason is returned, never warned: front ends show it once.
+    assert "no mtp.* weights" in note and not caught
     assert _greedy(loaded, 0)  # plain decoding still works
 
 

@@ -1,8 +1,9 @@
 """`mlx-mtp chat`: a Textual chat on top of mlx_mtp that shows its drafting.
 
 The conversation itself lives in `mlx_mtp.chat_session.ChatSession` (token
-level, prompt cache reused across turns); this module is only the UI. The
-model runs on worker threads; the UI thread never waits for it.
+level, prompt cache reused across turns, chat template, thinking, warm-up);
+this module only renders it. The model runs on worker threads; the UI
+thread never waits for it. Installed as `mlx_mtp.apps.chat`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, LoadingIndicator, Markdown, ProgressBar, Static, TextArea
 from textual.worker import Worker, WorkerState, get_current_worker
+
+from mlx_mtp.chat_session import (
+    CHAT_OPTIONS,
+    ChatSession,
+    ContextFullError,
+    NoChatTemplateError,
+    draft_spans,
+    split_thinking,
+)
+from mlx_mtp.options import GenerationOptions
+from mlx_mtp.report import cli_words, format_acceptance, format_memory
 
 # Theme variables, so the tint follows light and dark themes; the alpha keeps
 # the text's own colour readable on top of it.
@@ -48,27 +60,7 @@ the draft view (drafted tokens tinted) and Markdown; Ctrl+P opens the command pa
 """
 
 
-def _memory(n_bytes: float) -> str:
-    if n_bytes >= 1e9:
-        return f"{n_bytes / 1e9:.2f} GB"
-    return f"{n_bytes / 1e6:.1f} MB"
-
-
-def _split_thinking(text: str, opens_thinking: bool) -> Tuple[str, str]:
-    """(reasoning, answer) of an answer text; reasoning ends at </think>."""
-    start = 0
-    if not opens_thinking:
-        stripped = text.lstrip()
-        if not stripped.startswith("<think>"):
-            return "", text
-        start = len(text) - len(stripped) + len("<think>")
-    end = text.find("</think>", start)
-    if end < 0:
-        return text[start:].strip("\n"), ""
-    return text[start:end].strip("\n"), text[end + len("</think>"):].lstrip("\n")
-
-
-def format_stats_bar(session: Any, stats: Any = None, legend: bool = False) -> Content:
+def format_stats_bar(session: ChatSession, stats: Any = None, legend: bool = False) -> Content:
     """The one-line live stats: drafter, speed, acceptance, tokens per pass,
     pre-fill, context and memory."""
     import mlx.core as mx
@@ -87,14 +79,14 @@ def format_stats_bar(session: Any, stats: Any = None, legend: bool = False) -> C
     if stats is not None:
         parts.append((f"{stats.decode_tokens_per_s:.1f} tok/s", "bold"))
         if stats.draft_tokens:
-            parts.append((f"accept {100 * stats.acceptance_rate:.0f}% ({stats.accepted_tokens}/{stats.draft_tokens})", ""))
+            parts.append((format_acceptance(stats, "accept"), ""))
         parts.append((f"{stats.tokens_per_pass:.1f} tok/pass", ""))
         parts.append((f"prefill {stats.prefilled_tokens} tok {1000 * stats.prefill_s:.0f} ms", ""))
     ctx_used, ctx_limit = session.context_used, session.context_limit
     if stats is not None:  # live while an answer streams
         ctx_used = max(ctx_used, stats.prompt_tokens + stats.generated_tokens)
     parts.append((f"ctx {ctx_used}/{ctx_limit}", "$error" if ctx_used >= 0.95 * ctx_limit else ""))
-    parts.append((f"mem {_memory(mx.get_active_memory())}", ""))
+    parts.append((f"mem {format_memory(mx.get_active_memory())}", ""))
     if legend and drafter is not None:
         parts.append(("drafted", DRAFT_STYLE))
     out = Content()
@@ -266,7 +258,7 @@ class AssistantMessage(Vertical):
         self.query_one(".tokens", Static).update(
             Content.assemble(*((t, DRAFT_STYLE if d else TARGET_STYLE) for t, d in self.spans))
         )
-        thinking, answer = _split_thinking(self.answer_text, self.opens_thinking)
+        thinking, answer = split_thinking(self.answer_text, self.opens_thinking)
         box = self.query_one(".thinking", Static)
         box.update(Content.styled("thinking: ", "bold") + Content(thinking) if thinking else "")
         box.set_class(bool(thinking), "-shown")
@@ -390,21 +382,15 @@ class ChatApp(App):
     def __init__(
         self,
         model_path: Optional[str] = None,
+        options: Optional[GenerationOptions] = None,
         *,
         drafter: str = "auto",
-        num_draft: Optional[int] = None,
-        temp: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        seed: Optional[int] = None,
-        system: Optional[str] = None,
-        enable_thinking: Optional[bool] = None,
-        max_tokens: int = 2048,
-        max_context: Optional[int] = None,
         show_drafts: bool = True,
         loaded: Optional[Tuple[Any, Any]] = None,
     ) -> None:
+        """options: how every answer is generated (default: the chat's,
+        `CHAT_OPTIONS`); the session owns them once the model is loaded.
+        loaded: an already loaded (model, tokenizer), to skip loading (tests)."""
         super().__init__()
         if model_path is None:
             from mlx_mtp.defaults import default_chat_model
@@ -412,13 +398,10 @@ class ChatApp(App):
             model_path = default_chat_model()
         self.model_path = str(model_path)
         self.drafter_choice = drafter
-        self.options = dict(
-            num_draft=num_draft, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
-            system=system, enable_thinking=enable_thinking, max_tokens=max_tokens, max_context=max_context,
-        )
+        self.options = options if options is not None else CHAT_OPTIONS
         self._show_drafts = show_drafts
-        self._loaded = loaded  # (model, tokenizer), to skip loading (tests)
-        self.session: Any = None
+        self._loaded = loaded
+        self.session: Optional[ChatSession] = None
         self.generating = False
         self._stop_requested = False
         self.load_error: Optional[str] = None
@@ -436,40 +419,33 @@ class ChatApp(App):
         self.chat_screen.set_class(self._show_drafts, "-drafts")
         self.sub_title = Path(self.model_path).name or self.model_path
         if self._loaded is not None:
-            self._model_ready(*self._loaded)
+            try:
+                session = ChatSession(*self._loaded, self.options, model_id=self.model_path)
+            except NoChatTemplateError as e:
+                self._load_failed(str(e))
+                return
+            self._session_ready(session)
         else:
             await self.push_screen(LoadingScreen(self.model_path))
             self._load_model()
 
     @work(thread=True, exclusive=True, group="load", exit_on_error=False)
     def _load_model(self) -> None:
-        import warnings
-
-        import mlx_mtp
-        from mlx_mtp.loading import resolve_model_path
-
         def stage(step: int, text: str) -> None:
             self.call_from_thread(self._loading_stage, step, text)
 
-        def load() -> Tuple[Any, Any, List[str]]:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                stage(0, "finding the model (Hugging Face repos download once)")
-                path = resolve_model_path(self.model_path)
-                stage(1, f"loading weights and tokenizer from {path}")
-                model, tokenizer = mlx_mtp.load(path, drafter=self.drafter_choice)
-                stage(2, "warming up")
-                # One tiny generation compiles the kernels before the first message.
-                mlx_mtp.generate(model, tokenizer, [0, 0], max_tokens=2, num_draft=model.default_num_draft)
-                stage(3, "ready")
-            return model, tokenizer, [str(w.message) for w in caught]
+        def open_session() -> ChatSession:
+            return ChatSession.open(self.model_path, self.options, drafter=self.drafter_choice, progress=stage)
 
         try:
-            model, tokenizer, notes = self.mlx_thread.submit(load).result()
+            session = self.mlx_thread.submit(open_session).result()
+        except NoChatTemplateError as e:  # a model that loads, but cannot chat
+            self.call_from_thread(self._load_failed, str(e))
+            return
         except Exception as e:  # every load error is shown in the app
             self.call_from_thread(self._load_failed, f"{type(e).__name__}: {e}")
             return
-        self.call_from_thread(self._model_ready, model, tokenizer, notes)
+        self.call_from_thread(self._session_ready, session)
 
     def _loading_stage(self, step: int, text: str) -> None:
         if isinstance(self.screen, LoadingScreen):
@@ -480,25 +456,23 @@ class ChatApp(App):
         if isinstance(self.screen, LoadingScreen):
             self.screen.fail(message)
 
-    def _model_ready(self, model: Any, tokenizer: Any, notes: Iterable[str] = ()) -> None:
-        from mlx_mtp.chat_session import ChatSession
+    def _drafter_note(self) -> str:
+        """Why this model drafts nothing, in the words of the command line."""
+        return cli_words(self.session.model.drafter_note or "no drafter")
 
-        try:
-            self.session = ChatSession(model, tokenizer, model_id=self.model_path, **self.options)
-        except ValueError as e:
-            self._load_failed(str(e))
-            return
+    def _session_ready(self, session: ChatSession) -> None:
+        self.session = session
+        model = session.model
         if isinstance(self.screen, LoadingScreen):
             self.pop_screen()
-        self._saved_k = self.session.num_draft or model.default_num_draft
+        self._saved_k = session.num_draft or model.default_num_draft
         welcome = [f"Model: {self.model_path}"]
         if model.drafter is None:
-            welcome.append(f"Drafting off: {model.drafter_note or 'no drafter'}")
+            welcome.append(f"Drafting off: {self._drafter_note()}")
         else:
-            welcome.append(f"Drafting with the {model.drafter.name} head, k={self.session.num_draft}. "
+            welcome.append(f"Drafting with the {model.drafter.name} head, k={session.num_draft}. "
                            "Tinted text was drafted and accepted; plain text the target produced itself (F2 toggles).")
-        # The drafter fallback warning is already the line above.
-        welcome.extend(f"note: {n}" for n in notes if not (model.drafter_note and n.split(";")[0] in model.drafter_note))
+        welcome.extend(f"note: {cli_words(n)}" for n in session.notes)
         welcome.append("Type a message, or /help for commands.")
         self.chat_screen.query_one("#welcome", Static).update("\n".join(welcome))
         self.update_stats()
@@ -574,23 +548,13 @@ class ChatApp(App):
             self._offer_clear()
             return
         self._mount(UserMessage(text))
-        widget = AssistantMessage(opens_thinking=self._opens_thinking())
+        # Fixed per answer: a later /think must not re-split an earlier one.
+        widget = AssistantMessage(opens_thinking=self.session.opens_thinking)
         self._mount(widget)
         self.generating = True
         self._stop_requested = False
         self.chat_screen.refresh_bindings()
         self._generate(text, widget)
-
-    def _opens_thinking(self) -> bool:
-        # Qwen-style templates end the generation prompt with "<think>".
-        try:
-            tail = self.session.tokenizer.apply_chat_template(
-                [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False,
-                **self.session._template_extra(),
-            )
-        except Exception:
-            return False
-        return tail.rstrip().endswith("<think>")
 
     def cancel_generation(self) -> None:
         if self.generating and self.session is not None:
@@ -599,8 +563,6 @@ class ChatApp(App):
 
     @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
     def _generate(self, text: str, widget: AssistantMessage) -> None:
-        from mlx_mtp.chat_session import ContextFullError, draft_spans
-
         session = self.session
         tokenizer = session.tokenizer
         pending: List[Tuple[str, bool]] = []
@@ -726,7 +688,7 @@ class ChatApp(App):
 
     def _cmd_draft(self, arg: str) -> None:
         if self.session.model.drafter is None:
-            raise ValueError(f"this model has no drafter ({self.session.model.drafter_note})")
+            raise ValueError(f"this model has no drafter ({self._drafter_note()})")
         try:
             k = int(arg)
         except ValueError:
@@ -741,7 +703,7 @@ class ChatApp(App):
     def _cmd_mtp(self, arg: str) -> None:
         on_ = self._on_off(arg, "/mtp")
         if self.session.model.drafter is None:
-            raise ValueError(f"this model has no drafter ({self.session.model.drafter_note})")
+            raise ValueError(f"this model has no drafter ({self._drafter_note()})")
         if on_:
             self.session.num_draft = self._saved_k or self.session.model.default_num_draft
             self.note(f"MTP drafting on, k={self.session.num_draft}")
@@ -818,6 +780,7 @@ class ChatApp(App):
         self._mount(HelpNotice("**Last answer**\n\n| stat | value |\n|---|---|\n" + "\n".join(rows)))
 
 
-def run(model_path: Optional[str] = None, **options: Any) -> None:
+def run(model_path: Optional[str] = None, options: Optional[GenerationOptions] = None, *,
+        drafter: str = "auto", show_drafts: bool = True) -> None:
     """Start the chat app (blocks until it quits)."""
-    ChatApp(model_path, **options).run()
+    ChatApp(model_path, options, drafter=drafter, show_drafts=show_drafts).run()

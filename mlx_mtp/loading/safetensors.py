@@ -14,23 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import load_model
 
-from ..models import gemma4, qwen3_5
-
-# model_type -> our class. `*_text` are text-only configs (no text_config nesting).
-MODEL_CLASSES = {
-    "qwen3_5": qwen3_5.Model,
-    "qwen3_5_text": qwen3_5.Model,
-    "qwen3_5_moe": qwen3_5.MoeModel,
-    "qwen3_5_moe_text": qwen3_5.MoeModel,
-    "gemma4": gemma4.Model,
-    "gemma4_text": gemma4.TextModel,
-}
-# model_type -> its ModelArgs where that is not Qwen3.5's.
-MODEL_ARGS = {
-    "gemma4": gemma4.ModelArgs,
-    "gemma4_text": gemma4.TextModelArgs,
-}
-
+from ..models.registry import MODEL_CLASSES, UnsupportedArchitectureError, model_classes  # noqa: F401
 
 class CheckpointError(ValueError):
     pass
@@ -44,14 +28,12 @@ def read_config(path: Path) -> Dict[str, Any]:
         raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {e}") from e
 
 
-def _model_classes(config: Dict[str, Any]):
-    model_type = config.get("model_type")
-    if model_type not in MODEL_CLASSES:
-        raise CheckpointError(
-            f"model type {model_type!r} is not supported "
-            f"(supported: {', '.join(sorted(MODEL_CLASSES))})"
-        )
-    return MODEL_CLASSES[model_type], MODEL_ARGS.get(model_type, qwen3_5.ModelArgs)
+def checked_model_classes(config: Dict[str, Any]):
+    """(Model, ModelArgs) for a config; CheckpointError when unsupported."""
+    try:
+        return model_classes(config)
+    except UnsupportedArchitectureError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def materialize(model: nn.Module, label: str, batch_bytes: int = 256 << 20) -> None:
@@ -78,13 +60,13 @@ def materialize(model: nn.Module, label: str, batch_bytes: int = 256 << 20) -> N
 
 def load_target(path: Path, lazy: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
     config = read_config(path)
-    _model_classes(config)  # fail early with a clear message
+    checked_model_classes(config)  # fail early with a clear message
     shards = sorted(path.glob("model*.safetensors"))
     if not shards:
         raise CheckpointError(f"no model*.safetensors files in {path}")
     try:
         # Load lazily, then read the weights in batches under a progress bar.
-        model, config = load_model(path, lazy=True, get_model_classes=_model_classes)
+        model, config = load_model(path, lazy=True, get_model_classes=checked_model_classes)
         if not lazy:
             materialize(model, path.name)
     except CheckpointError:

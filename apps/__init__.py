@@ -1,1 +1,0 @@
-"""Applications built on mlx_mtp (the `mlx-mtp chat` TUI)."""
