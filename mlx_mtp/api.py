@@ -13,7 +13,9 @@ from mlx_lm.utils import load_tokenizer
 from .drafters import Drafter, MTPDrafter
 from .engine import PromptCache, Stats, decode
 from .loading import CheckpointError, load_target, resolve_model_path
-from .options import GenerationOptions
+from .loading.assistant import bundled_assistant
+from .models.base import has_builtin_head
+from .options import AUTO, GenerationOptions, NumDraft
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
 
@@ -32,10 +34,31 @@ class SpeculativeModel:
     path: Optional[Path] = None
     # Why drafting is off, when it is.
     drafter_note: Optional[str] = None
+    # This machine's measured step costs (`mlx-mtp tune`), the adaptive
+    # policy's starting point; None until calibrated.
+    step_costs: Optional[Any] = None
 
     @property
-    def default_num_draft(self) -> int:
-        return self.drafter.default_num_draft if self.drafter else 0
+    def default_num_draft(self) -> NumDraft:
+        """The adaptive draft length when there is a drafter, else 0."""
+        return AUTO if self.drafter else 0
+
+    @property
+    def calibration_key(self) -> str:
+        """Which stored calibration fits: this machine, model, drafter and quantization."""
+        from .calibration import calibration_key, machine_id
+
+        model_id = str(Path(self.path).resolve()) if self.path else type(self.target).__name__
+        drafter = self.drafter.name if self.drafter else "none"
+        quantization = self.config.get("quantization") or self.config.get("torch_dtype") or "float"
+        return calibration_key(machine_id(), f"{model_id}#{drafter}", str(quantization))
+
+    def load_calibration(self) -> None:
+        """Pick up the stored calibration for this model, if any."""
+        from .calibration import load_costs
+
+        if self.drafter is not None:
+            self.step_costs = load_costs(self.calibration_key)
 
 
 def make_drafter(target: nn.Module, drafter: str = "auto") -> tuple[Optional[Drafter], Optional[str]]:
@@ -49,7 +72,7 @@ def make_drafter(target: nn.Module, drafter: str = "auto") -> tuple[Optional[Dra
         return None, 'drafting disabled (drafter="none")'
     if drafter not in ("auto", "mtp"):
         return _load_drafter_model(target, str(drafter)), None
-    if getattr(target, "has_mtp", False):
+    if has_builtin_head(target):
         return MTPDrafter(target), None
     problem = getattr(target, "mtp_problem", None) or "the model has no MTP head"
     if drafter == "mtp":
@@ -94,17 +117,21 @@ def load(
 
         target, config, tokenizer = load_gguf(path_or_repo, lazy=lazy)
         chosen, note = make_drafter(target, drafter)
-        return SpeculativeModel(target, chosen, config, Path(path_or_repo), note), tokenizer
+        model = SpeculativeModel(target, chosen, config, Path(path_or_repo), note)
+        model.load_calibration()
+        return model, tokenizer
     path = resolve_model_path(str(path_or_repo), revision=revision)
     target, config = load_target(path, lazy=lazy)
     if not any(any(path.glob(p)) for p in TOKENIZER_FILES):
         raise CheckpointError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-    bundled = path / "assistant"
-    if drafter == "auto" and not getattr(target, "has_mtp", False) and (bundled / "config.json").exists():
+    bundled = bundled_assistant(path)
+    if drafter == "auto" and not has_builtin_head(target) and bundled is not None:
         drafter = str(bundled)  # a target shipped with its assistant (demo-gemma)
     chosen, note = make_drafter(target, drafter)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    return SpeculativeModel(target, chosen, config, path, note), tokenizer
+    model = SpeculativeModel(target, chosen, config, path, note)
+    model.load_calibration()
+    return model, tokenizer
 
 
 def resolve_model(path_or_repo: Union[str, Path], *, revision: Optional[str] = None) -> Union[str, Path]:
@@ -238,6 +265,7 @@ def stream_generate(
         max_context=options.max_context,
         stats=stats,
         prompt_cache=prompt_cache,
+        costs=model.step_costs,
     )
     finalized = False
     for cycle in cycles:

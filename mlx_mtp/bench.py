@@ -21,7 +21,7 @@ import mlx.core as mx
 from .api import SpeculativeModel, build_prompt, stream_generate
 from .defaults import prompt_suite
 from .engine import draft_step_cost
-from .options import GenerationOptions
+from .options import AUTO, GenerationOptions, NumDraft
 
 #: What `run_bench` generates with unless told otherwise (as `mlx-mtp bench`).
 BENCH_OPTIONS = GenerationOptions(max_tokens=192, seed=0)
@@ -73,14 +73,15 @@ def ideal_speedup(tokens_per_pass: float, k: int, c: float) -> float:
 @dataclass
 class Run:
     category: str
-    k: int
+    k: NumDraft
     tokens: List[int]
     stats: Dict[str, Any]
+    context: int = 0
 
 
 @dataclass
 class ModeSummary:
-    k: int
+    k: NumDraft
     runs: List[Run] = field(default_factory=list)
 
     def aggregate(self) -> Dict[str, Any]:
@@ -96,18 +97,128 @@ class ModeSummary:
             "wall_s_total": round(sum(r.stats["prefill_s"] + r.stats["decode_s"] for r in self.runs), 3),
         }
 
+    def tokens_per_pass(self) -> float:
+        decoded = sum(r.stats["generated_tokens"] - 1 for r in self.runs)
+        return decoded / max(1, sum(r.stats["target_passes"] for r in self.runs))
+
+    def acceptance_per_depth(self) -> List[float]:
+        """Per draft depth: accepted / drafted at that depth, over all runs."""
+        depth = max((len(r.stats["drafted_per_position"]) for r in self.runs), default=0)
+        drafted, accepted = [0] * depth, [0] * depth
+        for r in self.runs:
+            for j, (d, a) in enumerate(zip(r.stats["drafted_per_position"], r.stats["accepted_per_position"])):
+                drafted[j] += d
+                accepted[j] += a
+        return [round(a / d, 3) if d else 0.0 for a, d in zip(accepted, drafted)]
+
+    def k_histogram(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for r in self.runs:
+            for k, n in r.stats.get("k_histogram", {}).items():
+                out[k] = out.get(k, 0) + n
+        return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+    def parked_fraction(self) -> float:
+        hist = self.k_histogram()
+        return hist.get("0", 0) / max(1, sum(hist.values()))
+
+
+def long_prefix(tokenizer, prompts: List[Dict[str, str]], num_tokens: int) -> str:
+    """About `num_tokens` tokens of text to put before each prompt (the
+    context ladder): the suite's own prompts, repeated."""
+    text = "\n\n".join(p["prompt"] for p in prompts)
+    ids: List[int] = []
+    while len(ids) < num_tokens:
+        ids += list(tokenizer.encode(text, add_special_tokens=False))
+    return tokenizer.decode(ids[:num_tokens])
+
+
+def _speedups(summary: ModeSummary, base: ModeSummary) -> List[float]:
+    return [
+        r.stats["decode_tokens_per_s"] / b.stats["decode_tokens_per_s"]
+        for r, b in zip(summary.runs, base.runs)
+        if b.stats["decode_tokens_per_s"] > 0
+    ]
+
+
+def _per_category(summary: ModeSummary, base: ModeSummary) -> Dict[str, float]:
+    ratios: Dict[str, List[float]] = {}
+    for r, b in zip(summary.runs, base.runs):
+        if b.stats["decode_tokens_per_s"] > 0:
+            ratios.setdefault(r.category, []).append(r.stats["decode_tokens_per_s"] / b.stats["decode_tokens_per_s"])
+    return {c: statistics.mean(v) for c, v in ratios.items()}
+
+
+def _summarize(summaries: Dict[NumDraft, ModeSummary], costs: Dict[int, float],
+               echo: Callable[[str], None]) -> Dict[str, Any]:
+    """The per-mode JSON entries and printed lines for one context length."""
+    base = summaries[0]
+    base_prefill = statistics.mean(r.stats["prefill_tokens_per_s"] for r in base.runs)
+    modes: Dict[str, Any] = {}
+    for k, summary in summaries.items():
+        agg = summary.aggregate()
+        entry: Dict[str, Any] = {"aggregate": agg, "runs": [r.__dict__ for r in summary.runs]}
+        echo(f"== k={k} " + json.dumps(agg))
+        prefill = statistics.mean(r.stats["prefill_tokens_per_s"] for r in summary.runs)
+        if k == 0:
+            entry.update(prefill_tokens_per_s=prefill)
+            echo(f"   baseline decode {statistics.mean(r.stats['decode_tokens_per_s'] for r in summary.runs):.1f} "
+                 f"tok/s  prefill {prefill:.0f} tok/s")
+            modes["0"] = entry
+            continue
+        ratios = _speedups(summary, base)
+        mean = statistics.mean(ratios) if ratios else 0.0
+        spread = statistics.pstdev(ratios) if len(ratios) > 1 else 0.0
+        tpp = summary.tokens_per_pass()
+        entry.update(speedup=mean, speedup_min=min(ratios, default=0), speedup_max=max(ratios, default=0),
+                     speedup_std=spread, tokens_per_pass=tpp, acceptance_per_depth=summary.acceptance_per_depth(),
+                     speedup_per_category=_per_category(summary, base), prefill_tokens_per_s=prefill,
+                     prefill_vs_baseline=prefill / base_prefill if base_prefill else 0.0)
+        line = (f"   speedup {mean:.2f}x (min {min(ratios, default=0):.2f}, max {max(ratios, default=0):.2f}, "
+                f"sd {spread:.2f})  tokens/pass {tpp:.2f}  acceptance per depth {summary.acceptance_per_depth()}")
+        if k == AUTO:
+            entry.update(k_histogram=summary.k_histogram(), parked_fraction=summary.parked_fraction())
+            line += f"  chosen k {summary.k_histogram()}  parked {100 * summary.parked_fraction():.0f}% of cycles"
+        else:
+            ideal = ideal_speedup(tpp, k, costs[k])
+            entry.update(draft_step_cost=costs[k], ideal_speedup=ideal, measured_over_ideal=mean / ideal if ideal else 0.0)
+            line += f"  ideal {ideal:.2f}x (c={costs[k]:.3f})  measured/ideal {mean / ideal if ideal else 0:.2f}"
+        echo(line + f"  prefill {prefill:.0f} tok/s ({entry['prefill_vs_baseline']:.2f}x of drafting off)")
+        modes[str(k)] = entry
+    return modes
+
+
+def auto_verdict(modes: Dict[str, Any], floor: float = 0.97) -> Optional[str]:
+    """The closing line: was `auto` >= floor x the baseline on every
+    category, and how close did it come to the best fixed k?"""
+    if AUTO not in modes:
+        return None
+    auto = modes[AUTO]
+    worst_category, worst = min(auto["speedup_per_category"].items(), key=lambda kv: kv[1])
+    verdict = "yes" if worst >= floor else "NO"
+    line = (f"auto: >= {floor:.2f}x the baseline on every category: {verdict} "
+            f"(lowest {worst:.2f}x on {worst_category}); mean {auto['speedup']:.2f}x")
+    fixed = {k: m for k, m in modes.items() if k not in ("0", AUTO)}
+    if fixed:
+        best_k, best = max(fixed.items(), key=lambda kv: kv[1]["speedup"])
+        line += f"; best fixed k={best_k} {best['speedup']:.2f}x, auto/best {auto['speedup'] / best['speedup']:.2f}"
+    return line
+
 
 def run_bench(
     model: SpeculativeModel,
     tokenizer,
     *,
-    num_drafts: Sequence[int],
+    num_drafts: Sequence[NumDraft],
     prompts: List[Dict[str, str]],
     options: Optional[GenerationOptions] = None,
+    contexts: Sequence[int] = (0,),
     echo: Callable[[str], None] = print,
     **overrides: Any,
 ) -> Dict[str, Any]:
-    """Run every prompt at k=0 and at each draft length in `num_drafts`.
+    """Run every prompt at k=0 and at each draft length in `num_drafts`
+    (ints and/or "auto"), interleaved prompt by prompt, for each context
+    length in `contexts` (0: the prompt alone; N: after ~N tokens of text).
 
     `options` (default `BENCH_OPTIONS`) holds max_tokens, sampling and seed;
     keyword `overrides` change single fields (max_tokens=..., temp=...). Its
@@ -118,14 +229,15 @@ def run_bench(
     max_tokens, temp, seed = options.max_tokens, options.sampling.temp, options.seed
     # Greedy decoding must give the very same tokens in every mode.
     check_lossless = options.sampling.greedy
-    modes = [0] + [k for k in num_drafts if k > 0]
+    modes: List[NumDraft] = [0] + [k for k in num_drafts if k != 0]
     if model.drafter is None and len(modes) > 1:
         raise ValueError(f"this model has no drafter ({model.drafter_note}); only the baseline can run")
     echo(f"backend: {backend_description()}")
     echo(f"model: {model.path}  drafter: {model.drafter.name if model.drafter else 'none'}  "
-         f"modes: {', '.join(f'k={k}' for k in modes)}  max_tokens={max_tokens} temp={temp} seed={seed}")
+         f"modes: {', '.join(f'k={k}' for k in modes)}  max_tokens={max_tokens} temp={temp} seed={seed}"
+         + (f"  contexts: {', '.join(map(str, contexts))}" if list(contexts) != [0] else ""))
 
-    def generate(prompt: str, k: int, n: int) -> Run:
+    def generate(prompt: str, k: NumDraft, n: int) -> Run:
         tokens: List[int] = []
         stats = None
         for r in stream_generate(model, tokenizer, prompt, options, num_draft=k, max_tokens=n):
@@ -136,72 +248,48 @@ def run_bench(
     for k in modes:  # warm-up: compile and allocate every path once
         generate(prompts[0]["prompt"], k, 16)
 
-    costs = {}
+    costs: Dict[int, float] = {}
     if model.drafter is not None:
         first = build_prompt(tokenizer, prompts[0]["prompt"])
-        costs = {k: draft_step_cost(model.target, model.drafter, first, k) for k in modes if k}
-        echo("draft step cost c (vs one target step): " + ", ".join(f"k={k}: {c:.3f}" for k, c in costs.items()))
+        costs = {k: draft_step_cost(model.target, model.drafter, first, k) for k in modes if k != AUTO and k}
+        if costs:
+            echo("draft step cost c (vs one target step): " + ", ".join(f"k={k}: {c:.3f}" for k, c in costs.items()))
 
-    summaries = {k: ModeSummary(k) for k in modes}
     mismatches = []
-    echo("")
-    for item in prompts:
-        baseline = None
-        for k in modes:
-            run = generate(item["prompt"], k, max_tokens)
-            run.category = item["category"]
-            summaries[k].runs.append(run)
-            s = run.stats
-            echo(
-                f"{item['category']:<18} k={k}  pred={s['generated_tokens']:<4} draft={s['draft_tokens']:<4} "
-                f"acc={s['accepted_tokens']:<4} rate={s['acceptance_rate']:.3f} "
-                f"tok/pass={s['tokens_per_pass']:.2f} tok/s={s['decode_tokens_per_s']:.1f} "
-                f"prefill={s['prefill_tokens_per_s']:.0f} tok/s"
-            )
-            if k == 0:
-                baseline = run
-            elif check_lossless and run.tokens != baseline.tokens:
-                mismatches.append((item["category"], k))
-                echo(f"!!! LOSSLESS CHECK FAILED: {item['category']} k={k} differs from the baseline")
-
-    base_runs = summaries[0].runs
     report: Dict[str, Any] = {"backend": backend_description(), "model": str(model.path), "temp": temp,
                               "max_tokens": max_tokens, "modes": {}, "lossless_mismatches": mismatches}
-    echo("")
-    for k in modes:
-        summary = summaries[k]
-        agg = summary.aggregate()
-        entry: Dict[str, Any] = {"aggregate": agg, "runs": [r.__dict__ for r in summary.runs]}
-        echo(f"== k={k} " + json.dumps(agg))
-        prefill = statistics.mean(r.stats["prefill_tokens_per_s"] for r in summary.runs)
-        if k:
-            ratios = [
-                r.stats["decode_tokens_per_s"] / b.stats["decode_tokens_per_s"]
-                for r, b in zip(summary.runs, base_runs)
-                if b.stats["decode_tokens_per_s"] > 0
-            ]
-            tpp = (agg["total_predicted"] - agg["n_requests"]) / max(
-                1, sum(r.stats["target_passes"] for r in summary.runs)
-            )
-            ideal = ideal_speedup(tpp, k, costs[k])
-            mean = statistics.mean(ratios) if ratios else 0.0
-            spread = statistics.pstdev(ratios) if len(ratios) > 1 else 0.0
-            base_prefill = statistics.mean(r.stats["prefill_tokens_per_s"] for r in base_runs)
-            entry.update(speedup=mean, speedup_min=min(ratios, default=0), speedup_max=max(ratios, default=0),
-                         speedup_std=spread, tokens_per_pass=tpp, draft_step_cost=costs[k], ideal_speedup=ideal,
-                         measured_over_ideal=mean / ideal if ideal else 0.0,
-                         prefill_tokens_per_s=prefill, prefill_vs_baseline=prefill / base_prefill if base_prefill else 0.0)
-            echo(
-                f"   speedup {mean:.2f}x (min {min(ratios, default=0):.2f}, max {max(ratios, default=0):.2f}, "
-                f"sd {spread:.2f})  tokens/pass {tpp:.2f}  ideal {ideal:.2f}x (c={costs[k]:.3f})  "
-                f"measured/ideal {mean / ideal if ideal else 0:.2f}  prefill {prefill:.0f} tok/s "
-                f"({entry['prefill_vs_baseline']:.2f}x of drafting off)"
-            )
-        else:
-            entry.update(prefill_tokens_per_s=prefill)
-            echo(f"   baseline decode {statistics.mean(r.stats['decode_tokens_per_s'] for r in summary.runs):.1f} tok/s"
-                 f"  prefill {prefill:.0f} tok/s")
-        report["modes"][str(k)] = entry
+    for context in contexts:
+        prefix = long_prefix(tokenizer, prompts, context) + "\n\n" if context else ""
+        summaries = {k: ModeSummary(k) for k in modes}
+        echo("")
+        for item in prompts:
+            baseline = None
+            for k in modes:
+                run = generate(prefix + item["prompt"], k, max_tokens)
+                run.category, run.context = item["category"], context
+                summaries[k].runs.append(run)
+                s = run.stats
+                echo(
+                    f"{item['category']:<18} " + (f"ctx={context:<6} " if context else "")
+                    + f"k={str(k):<4} pred={s['generated_tokens']:<4} draft={s['draft_tokens']:<4} "
+                    f"acc={s['accepted_tokens']:<4} rate={s['acceptance_rate']:.3f} "
+                    f"tok/pass={s['tokens_per_pass']:.2f} tok/s={s['decode_tokens_per_s']:.1f} "
+                    f"prefill={s['prefill_tokens_per_s']:.0f} tok/s"
+                )
+                if k == 0:
+                    baseline = run
+                elif check_lossless and run.tokens != baseline.tokens:
+                    mismatches.append((item["category"], k, context))
+                    echo(f"!!! LOSSLESS CHECK FAILED: {item['category']} k={k} ctx={context} differs from the baseline")
+        echo("" if not context else f"\n-- context {context} tokens")
+        summary = _summarize(summaries, costs, echo)
+        report.setdefault("contexts", {})[str(context)] = {"modes": summary}
+        if context == contexts[0]:
+            report["modes"] = summary
+        verdict = auto_verdict(summary)
+        if verdict:
+            echo(verdict)
+            report["contexts"][str(context)]["auto_verdict"] = verdict
     if mismatches:
         echo(f"!!! LOSSLESS CHECK FAILED for {len(mismatches)} prompt/mode pairs: {mismatches}")
     elif check_lossless:

@@ -107,6 +107,31 @@ class _DrafterArg(click.ParamType):
         self.fail(f"{value!r} is not auto, none, mtp, a drafter directory or a repo id", param, ctx)
 
 
+class _DraftLength(click.ParamType):
+    """`auto` (the adaptive policy) or a draft length N >= 0."""
+
+    name = "auto|N"
+
+    def __init__(self, most: Optional[int] = None):
+        self.most = most
+
+    def convert(self, value, param, ctx):
+        if value == "auto":
+            return value
+        try:
+            k = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not auto or a whole number", param, ctx)
+        if k < 0 or (self.most is not None and k > self.most):
+            limit = f"0..{self.most}" if self.most is not None else ">= 0"
+            self.fail(f"{k} is not auto or a draft length in {limit}", param, ctx)
+        return k
+
+
+_K_HELP = ("Tokens drafted per cycle: auto (default) picks 0..6 each cycle from measured acceptance and speed, "
+           "never slower than plain decoding; N drafts exactly N; 0 is plain decoding.")
+
+
 def sampling_options(
     temp_help: str = "Sampling temperature (0: greedy).",
     seed_default: Optional[int] = None,
@@ -161,8 +186,7 @@ def main() -> None:
 @click.option("--drafter", type=_DrafterArg(), default="auto", show_default=True, metavar="auto|none|mtp|PATH_OR_REPO",
               help="auto: the MTP head when there is one, else plain decoding; mtp: require it; none: plain "
                    "decoding; a directory, repo id or .gguf file: a separate drafter model (Gemma 4 assistant).")
-@click.option("-k", "--num-draft", type=click.IntRange(min=0), default=None,
-              help="Tokens drafted per cycle (default: the drafter's default; 0: plain decoding).")
+@click.option("-k", "--num-draft", type=_DraftLength(), default=None, metavar="auto|N", help=_K_HELP)
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Most tokens to generate.")
 @sampling_options()
@@ -356,21 +380,36 @@ def _stats_dict(stats: Any, num_draft: Any) -> Dict[str, Any]:
     return stats.to_dict()
 
 
-def _draft_lengths(ctx, param, value: str) -> List[int]:
+def _draft_lengths(ctx, param, value: str) -> List[Any]:
+    words = [x.strip() for x in value.split(",") if x.strip()]
     try:
-        ks = sorted({int(x) for x in value.split(",") if x.strip()})
+        ks = sorted({int(x) for x in words if x != "auto"})
     except ValueError:
-        raise click.BadParameter(f"{value!r}: expected draft lengths like 1,2,3") from None
-    if not ks or any(k < 0 for k in ks):
-        raise click.BadParameter(f"{value!r}: expected non-negative draft lengths like 1,2,3")
-    return ks
+        raise click.BadParameter(f"{value!r}: expected draft lengths like 1,2,3,auto") from None
+    if not words or any(k < 0 for k in ks):
+        raise click.BadParameter(f"{value!r}: expected non-negative draft lengths like 1,2,3,auto")
+    return ks + (["auto"] if "auto" in words else [])
+
+
+def _context_lengths(ctx, param, value: Optional[str]) -> List[int]:
+    if not value:
+        return [0]
+    try:
+        lengths = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected token counts like 512,2048") from None
+    if not lengths or any(n < 0 for n in lengths):
+        raise click.BadParameter(f"{value!r}: expected non-negative token counts like 512,2048")
+    return lengths
 
 
 @main.command()
 @click.option("-m", "--model", "models", multiple=True, metavar="PATH_OR_REPO",
               help="Model to benchmark (repeatable). Default: the bundled demo models.")
-@click.option("-k", "--num-draft", "num_drafts", default="1,2,3,4", show_default=True, callback=_draft_lengths,
-              help="Draft lengths to compare with the k=0 baseline, comma-separated.")
+@click.option("-k", "--num-draft", "num_drafts", default="1,2,3,4,auto", show_default=True, callback=_draft_lengths,
+              help="Draft lengths to compare with the k=0 baseline, comma-separated; auto is the adaptive policy.")
+@click.option("--context", "contexts", default=None, callback=_context_lengths, metavar="N1,N2,...",
+              help="Context ladder: run the suite again after a prefix of about N tokens, for each N.")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=192, show_default=True)
 @sampling_options(temp_help="Sampling temperature (0: greedy, and the lossless check runs).", seed_default=0,
                   seed_help=None)
@@ -380,12 +419,17 @@ def _draft_lengths(ctx, param, value: str) -> List[int]:
               help="Write every figure to this JSON file.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Save a PNG of tok/s and speedup per category and mode (needs matplotlib).")
-def bench(models: tuple, num_drafts: List[int], max_tokens: int, options: GenerationOptions,
+def bench(models: tuple, num_drafts: List[Any], contexts: List[int], max_tokens: int, options: GenerationOptions,
           prompts_file: Optional[str], json_out: Optional[str], plot_file: Optional[str]) -> None:
     """Compare plain decoding with drafting, prompt by prompt."""
     from . import bench as bench_mod
     from .defaults import DEFAULT_MODEL_ORDER, demo_model_path
 
+    if plot_file:  # find out now, not after the whole run
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            _fail(RuntimeError("--plot needs matplotlib: pip install 'mlx-mtp[plot]'"))
     try:
         prompts = bench_mod.load_prompts(prompts_file)
     except (OSError, ValueError) as e:
@@ -398,7 +442,7 @@ def bench(models: tuple, num_drafts: List[int], max_tokens: int, options: Genera
         model, tokenizer = _load_or_fail(model_path, "auto")
         _show_notes(model)
         try:
-            report = bench_mod.run_bench(model, tokenizer, num_drafts=num_drafts, prompts=prompts,
+            report = bench_mod.run_bench(model, tokenizer, num_drafts=num_drafts, prompts=prompts, contexts=contexts,
                                          options=options.replace(max_tokens=max_tokens), echo=click.echo)
         except ValueError as e:
             _fail(e)
@@ -434,8 +478,8 @@ def _load_or_fail(model_path: str, drafter: str) -> tuple:
 @click.option("--drafter", type=_DrafterArg(), default="auto", show_default=True, metavar="auto|none|mtp|PATH",
               help="auto: the MTP head when there is one; mtp: require it; none: plain decoding; "
                    "or a separate drafter model.")
-@click.option("-k", "--num-draft", type=click.IntRange(min=0, max=16), default=None,
-              help="Tokens drafted per cycle (default: the drafter's; 0: plain decoding). /draft N changes it.")
+@click.option("-k", "--num-draft", type=_DraftLength(most=16), default=None, metavar="auto|N",
+              help=_K_HELP + " /draft auto|N changes it.")
 @sampling_options(temp_help="Sampling temperature (0: greedy). /temp T changes it.")
 @click.option("--system", default=None, help="System message. /system TEXT changes it.")
 @click.option("--thinking/--no-thinking", "enable_thinking", default=None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["format_memory", "format_acceptance", "format_stats", "cli_words"]
+__all__ = ["format_memory", "format_acceptance", "format_draft_lengths", "format_stats", "cli_words"]
 
 
 def format_memory(n_bytes: float) -> str:
@@ -23,6 +23,12 @@ def format_acceptance(stats: Any, label: str = "acceptance") -> str:
     return f"{label} {100 * stats.acceptance_rate:.0f}% ({stats.accepted_tokens}/{stats.draft_tokens})"
 
 
+def format_draft_lengths(stats: Any) -> str:
+    """ "k chosen 0:12 3:40, parked 23%": what the adaptive policy picked, per cycle."""
+    hist = " ".join(f"{k}:{n}" for k, n in sorted(stats.k_histogram.items()))
+    return f"k chosen {hist or '-'}, parked {100 * stats.parked_fraction:.0f}%"
+
+
 def format_stats(stats: Any) -> str:
     """One readable line for a finished generation, e.g.
     [mtp k=3] prompt 12 tok @ 850 tok/s | 64 tok @ 120.3 tok/s | acceptance 71% (45/63) | ..."""
@@ -34,6 +40,8 @@ def format_stats(stats: Any) -> str:
     ]
     if stats.draft_tokens:
         parts.append(format_acceptance(stats))
+    if stats.num_draft == "auto":
+        parts.append(format_draft_lengths(stats))
     parts += [
         f"{stats.tokens_per_pass:.1f} tok/pass",
         f"{stats.host_syncs_per_cycle:.1f} syncs/cycle",

@@ -107,7 +107,7 @@ def test_convert_streams_shards(src, tmp_path):
 def test_convert_gguf(tmp_path):
     from mlx.utils import tree_unflatten
 
-    from mlx_mtp.testing_gguf import write_qwen35_gguf
+    from mlx_mtp.testing.gguf import write_qwen35_gguf
 
     config = tiny.hf_config(hidden_size=256, intermediate_size=512, head_dim=64,
                             linear_key_head_dim=64, linear_value_head_dim=64)

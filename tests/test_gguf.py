@@ -20,7 +20,7 @@ from mlx_mtp.cli import main
 from mlx_mtp.drafters import MTPDrafter
 from mlx_mtp.loading import CheckpointError, load_target
 from mlx_mtp.loading.gguf import load_gguf_target, load_gguf_tokenizer, metadata, open_gguf, v_head_order
-from mlx_mtp.testing_gguf import write_qwen35_gguf, write_tokenizer_metadata
+from mlx_mtp.testing.gguf import write_qwen35_gguf, write_tokenizer_metadata
 
 PROMPT = [5, 17, 33, 2, 9]
 # K-quants need rows that are multiples of 256 values.

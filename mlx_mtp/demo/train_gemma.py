@@ -42,7 +42,7 @@ What it does:
    model_type gemma4, tokenizer files, generation_config.json) in OUT and the
    assistant (config.json with model_type gemma4_assistant,
    generation_config.json with num_assistant_tokens) in OUT/assistant, both
-   safetensors, through mlx_mtp.testing_gemma's writers.
+   safetensors, through mlx_mtp.loading.writers.
 """
 
 from __future__ import annotations
@@ -52,22 +52,35 @@ import copy
 import json
 import math
 import shutil
-import sysconfig
 import time
 from functools import partial
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
+from ..loading.configs import gemma4_assistant_config
 from ..models import gemma4
-from ..models.gemma4_assistant import FULL, SLIDING, AssistantArgs, Gemma4Assistant
-from .train_qwen import EOS_TOKEN, PAD_TOKEN, build_documents, read_corpus, train_tokenizer, write_tokenizer
-from . import open_run_log
+from ..models.base import FULL, SLIDING
+from ..models.gemma4_assistant import AssistantArgs, Gemma4Assistant
+from .train_qwen import (
+    EOS_TOKEN,
+    PAD_TOKEN,
+    add_common_arguments,
+    add_options,
+    fixed_batches,
+    init_matrices,
+    make_schedule,
+    make_train_step,
+    random_batch,
+    start_run,
+    token_data,
+    train_tokenizer,
+    write_tokenizer,
+)
 
 ROPE = {
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
@@ -124,72 +137,42 @@ def target_config(args, eos_id: int, pad_id: int) -> dict:
 
 def assistant_config(args, text: dict) -> dict:
     """A `gemma4_assistant` config that pairs with the target's text config."""
-    a = {
-        "model_type": "gemma4_text",
-        "hidden_size": args.a_hidden,
-        "intermediate_size": args.a_intermediate,
-        "num_hidden_layers": 4,
-        "layer_types": [SLIDING, SLIDING, SLIDING, FULL],
-        "num_attention_heads": args.a_heads,
-        "num_key_value_heads": text["num_key_value_heads"],
-        "head_dim": text["head_dim"],
-        "global_head_dim": text["global_head_dim"],
-        "attention_k_eq_v": False,
-        "rms_norm_eps": 1e-6,
-        "vocab_size": text["vocab_size"],
-        "vocab_size_per_layer_input": 0,
-        "hidden_size_per_layer_input": 0,
-        "num_kv_shared_layers": 4,
-        "use_double_wide_mlp": False,
-        "enable_moe_block": False,
-        "sliding_window": text["sliding_window"],
-        "max_position_embeddings": text["max_position_embeddings"],
-        "final_logit_softcapping": None,
-        "rope_parameters": copy.deepcopy(text["rope_parameters"]),
-        "hidden_activation": "gelu_pytorch_tanh",
-        "tie_word_embeddings": True,
-    }
-    return {
-        "model_type": "gemma4_assistant",
-        "architectures": ["Gemma4AssistantForCausalLM"],
-        "backbone_hidden_size": text["hidden_size"],
-        "use_ordered_embeddings": False,
-        "tie_word_embeddings": True,
-        "text_config": a,
-        "torch_dtype": "float32",
-    }
+    return gemma4_assistant_config(
+        hidden_size=args.a_hidden,
+        intermediate_size=args.a_intermediate,
+        layer_types=[SLIDING, SLIDING, SLIDING, FULL],
+        num_attention_heads=args.a_heads,
+        num_key_value_heads=text["num_key_value_heads"],
+        head_dim=text["head_dim"],
+        global_head_dim=text["global_head_dim"],
+        vocab_size=text["vocab_size"],
+        sliding_window=text["sliding_window"],
+        max_position_embeddings=text["max_position_embeddings"],
+        rope_parameters=text["rope_parameters"],
+        backbone_hidden_size=text["hidden_size"],
+        torch_dtype="float32",
+    )
 
 
 # --- init -------------------------------------------------------------------
 
 
-def _init_params(model, seed: int, n_layers: int, keep=()) -> None:
-    """normal(0, 0.02) for matrices, smaller for residual outputs; norms and
-    layer scalars keep their ones."""
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, value in tree_flatten(model.parameters()):
-        if value.ndim != 2 or name in keep:
-            continue
-        std = 0.02
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            std = 0.02 / math.sqrt(2 * n_layers)
-        params[name] = mx.array(rng.normal(0, std, value.shape), dtype=mx.float32)
-    model.update(tree_unflatten(list(params.items())))
-    mx.eval(model.parameters())
+# normal(0, 0.02) for matrices, smaller for residual outputs; norms and layer
+# scalars keep their ones.
+RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight")
 
 
 def build_target(config: dict, seed: int):
     mx.random.seed(seed)
     model = gemma4.Model(gemma4.ModelArgs.from_dict(copy.deepcopy(config)))
-    _init_params(model, seed, config["text_config"]["num_hidden_layers"])
+    init_matrices(model, seed, config["text_config"]["num_hidden_layers"], RESIDUAL_OUTPUTS)
     return model
 
 
 def build_assistant(config: dict, target, seed: int) -> Gemma4Assistant:
     mx.random.seed(seed + 1)
     model = Gemma4Assistant(AssistantArgs.from_config(copy.deepcopy(config)))
-    _init_params(model, seed + 1, 4)
+    init_matrices(model, seed + 1, 4, RESIDUAL_OUTPUTS)
     B, h = model.args.backbone_hidden_size, model.args.text.hidden_size
     rng = np.random.default_rng(seed + 2)
     # x = pre_projection([E*sqrt(B), s]) starts at rms ~1 whatever the halves.
@@ -261,30 +244,13 @@ def assistant_losses(assistant, emb, hidden, tlogits, kv, depth: int, window: in
 # --- training -------------------------------------------------------------------
 
 
-def make_schedule(lr: float, steps: int, warmup: int):
-    warmup = min(warmup, steps // 10 + 1)
-    return optim.join_schedules(
-        [optim.linear_schedule(lr * 0.01, lr, warmup), optim.cosine_decay(lr, max(1, steps - warmup), lr * 0.05)],
-        [warmup],
-    )
-
-
 def train_target(args, model, train, val, say):
     def loss_fn(model, x):
         h = model.hidden(x[:, :-1])
         return nn.losses.cross_entropy(model.logits(h), x[:, 1:], reduction="mean")
 
     schedule = make_schedule(args.lr, args.target_steps, args.warmup)
-    opt = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=args.weight_decay)
-    grad_fn = nn.value_and_grad(model, loss_fn)
-    state = [model.state, opt.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(x):
-        loss, grads = grad_fn(model, x)
-        grads, _ = optim.clip_grad_norm(grads, 1.0)
-        opt.update(model, grads)
-        return loss
+    step, state = make_train_step(model, loss_fn, schedule, args.weight_decay)
 
     @partial(mx.compile, inputs=[model.state])  # the weights change between evals
     def eval_step(x):
@@ -297,8 +263,7 @@ def train_target(args, model, train, val, say):
     say(f"target: training {args.target_steps} steps of {args.batch}x{args.seq} tokens")
     t0, avg, losses = time.time(), None, {}
     for it in range(1, args.target_steps + 1):
-        starts = rng.integers(0, len(train) - L, args.batch)
-        loss = step(mx.array(np.stack([train[s : s + L] for s in starts])))
+        loss = step(random_batch(rng, train, L, args.batch))
         mx.eval(state, loss)
         avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
         if it % 10 == 0 or it == 1:
@@ -319,15 +284,6 @@ def train_target(args, model, train, val, say):
     return losses
 
 
-def fixed_batches(source, L: int, batch: int, seed: int, n: int = 2):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        starts = rng.integers(0, len(source) - L, batch)
-        out.append(mx.array(np.stack([source[s : s + L] for s in starts])))
-    return out
-
-
 def train_assistant(args, target, assistant, train, val, say):
     depth, window = args.depth, target.text_args.sliding_window
     weights = [float(w) for w in args.depth_weights.split(",")][:depth]
@@ -340,19 +296,10 @@ def train_assistant(args, target, assistant, train, val, say):
 
     def loss_fn(assistant, emb, hidden, tlogits, kv):
         losses, agree = assistant_losses(assistant, emb, hidden, tlogits, kv, depth, window)
-        return sum(w * l for w, l in zip(weights, losses)) / sum(weights), (*losses, *agree)
+        return sum(w * l for w, l in zip(weights, losses)) / sum(weights), mx.stack([*losses, *agree])
 
     schedule = make_schedule(args.a_lr, args.assistant_steps, args.warmup)
-    opt = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=args.weight_decay)
-    grad_fn = nn.value_and_grad(assistant, loss_fn)
-    state = [assistant.state, opt.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(emb, hidden, tlogits, kv):
-        (loss, parts), grads = grad_fn(assistant, emb, hidden, tlogits, kv)
-        grads, _ = optim.clip_grad_norm(grads, 1.0)
-        opt.update(assistant, grads)
-        return loss, mx.stack(parts)
+    step, state = make_train_step(assistant, loss_fn, schedule, args.weight_decay)
 
     @partial(mx.compile, inputs=[assistant.state])  # the weights change between evals
     def eval_step(emb, hidden, tlogits, kv):
@@ -376,8 +323,7 @@ def train_assistant(args, target, assistant, train, val, say):
     say(f"assistant: training {args.assistant_steps} steps of {args.a_batch}x{L} tokens, depth {depth} weights {weights}")
     t0, avg, result = time.time(), None, {}
     for it in range(1, args.assistant_steps + 1):
-        starts = rng.integers(0, len(train) - L, args.a_batch)
-        outs = frozen(mx.array(np.stack([train[s : s + L] for s in starts])))
+        outs = frozen(random_batch(rng, train, L, args.a_batch))
         loss, parts = step(*outs)
         mx.eval(state, loss, parts)
         parts = np.array(parts.tolist())
@@ -438,7 +384,7 @@ def cast(model, dtype: str) -> None:
 
 
 def save_target_dir(model, out: Path, config: dict, dtype: str, tok_dir: Path) -> None:
-    from ..testing_gemma import save_target
+    from ..loading.writers import save_target
 
     config = copy.deepcopy(config)
     config["torch_dtype"] = dtype
@@ -451,7 +397,7 @@ def save_target_dir(model, out: Path, config: dict, dtype: str, tok_dir: Path) -
 
 
 def save_assistant_dir(model, out: Path, config: dict, dtype: str, num_assistant_tokens: int) -> None:
-    from ..testing_gemma import save_assistant
+    from ..loading.writers import save_assistant
 
     config = copy.deepcopy(config)
     config["torch_dtype"] = dtype
@@ -471,58 +417,27 @@ def load_target_dir(path: Path):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="assets/demo-gemma")
+    add_common_arguments(p, out="assets/demo-gemma")
     p.add_argument("--tokenizer-from", default="assets/demo-qwen",
                    help="directory with demo-qwen's tokenizer.json + tokenizer_config.json to reuse")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vocab", type=int, default=3072)
-    # target
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--intermediate", type=int, default=384)
-    p.add_argument("--layers", type=int, default=4)
+    # target (--hidden, --intermediate, --layers, --head-dim, --seq, --batch, --lr above)
     p.add_argument("--full-every", type=int, default=2, help="every Nth layer (and the last) is full attention")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--global-head-dim", type=int, default=64)
-    p.add_argument("--window", type=int, default=64)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--target-steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    add_options(p, heads=4, kv_heads=2, global_head_dim=64, window=64, target_steps=300)
     p.add_argument("--target-minutes", type=float, default=None, help="stop the target's training early")
     p.add_argument("--skip-target", action="store_true", help="reuse the target already saved in OUT")
     # assistant
-    p.add_argument("--a-hidden", type=int, default=128)
-    p.add_argument("--a-intermediate", type=int, default=256)
-    p.add_argument("--a-heads", type=int, default=4)
-    p.add_argument("--a-seq", type=int, default=128)
-    p.add_argument("--a-batch", type=int, default=8)
-    p.add_argument("--assistant-steps", type=int, default=150)
-    p.add_argument("--a-lr", type=float, default=3e-3)
+    add_options(p, a_hidden=128, a_intermediate=256, a_heads=4, a_seq=128, a_batch=8, assistant_steps=150, a_lr=3e-3)
     p.add_argument("--depth", type=int, default=3, help="draft steps unrolled in training")
     p.add_argument("--depth-weights", default="1,0.7,0.5,0.4")
     p.add_argument("--num-assistant-tokens", type=int, default=3, help="generation_config default draft length")
     p.add_argument("--assistant-minutes", type=float, default=None, help="stop the assistant's training early")
-    p.add_argument("--chat-fraction", type=float, default=0.25)
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--log", default=None, help="log file (default OUT/../demo-gemma-train.log)")
     args = p.parse_args(argv)
 
-    t_start = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    say = open_run_log(out, args.log, append=args.skip_target)
-
-    say(f"args: {vars(args)}")
     from tokenizers import Tokenizer
 
+    t_start, out, say, corpus = start_run(args, append=args.skip_target)
     tok_dir = Path(args.tokenizer_from)
-    corpus = read_corpus()
-    say(f"corpus: {len(corpus)} files, {sum(len(t) for _, t in corpus) / 1e6:.1f}M chars from {sysconfig.get_paths()['stdlib']}")
     if not (tok_dir / "tokenizer.json").exists():
         say(f"no tokenizer in {tok_dir}: training demo-qwen's tokenizer settings into {out}")
         tok = train_tokenizer([t for _, t in corpus], args.vocab)
@@ -531,15 +446,8 @@ def main(argv=None) -> None:
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     assert tok.get_vocab_size() == args.vocab, tok.get_vocab_size()
     eos_id, pad_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(PAD_TOKEN)
-    docs = build_documents(corpus, args.seed, args.chat_fraction)
-    ids: List[int] = []
-    for enc in tok.encode_batch(docs, add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(pad_id)
-    data = np.array(ids, dtype=np.int32)
-    n_val = max(len(data) // 50, 20 * (args.seq + args.depth + 1))
-    train, val = data[:-n_val], data[-n_val:]
-    say(f"tokens: {len(data) / 1e6:.2f}M, {len(docs)} documents, val {n_val}; tokenizer from {tok_dir}")
+    docs, data, train, val = token_data(tok, corpus, args.seed, args.chat_fraction, 20 * (args.seq + args.depth + 1))
+    say(f"tokens: {len(data) / 1e6:.2f}M, {len(docs)} documents, val {len(val)}; tokenizer from {tok_dir}")
 
     config = target_config(args, eos_id, pad_id)
     summary: Dict[str, object] = {}

@@ -51,7 +51,6 @@ import json
 import math
 import os
 import random
-import sys
 import sysconfig
 import textwrap
 import time
@@ -63,31 +62,20 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
+from ..loading.tokenizer_formats import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, QWEN_PRETOKENIZE_REGEX
 from ..models import qwen3_5
 from . import open_run_log
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-EOS_TOKEN = "<|im_end|>"
-PAD_TOKEN = "<|endoftext|>"
-# The Qwen2/3/3.5 pre-tokenizer regex.
-PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}|"""
-    r""" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+EOS_TOKEN = IM_END
+PAD_TOKEN = ENDOFTEXT
 # Qwen-style ChatML template: optional system message, user/assistant turns.
 # No thinking mode: the demo never learned one, and with no <think> tokens in
 # the vocabulary mlx-lm does not switch thinking on (enable_thinking is
 # accepted and ignored).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{%- endif -%}"
-)
+CHAT_TEMPLATE = CHATML_TEMPLATE
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",
     "You are a Python expert. Answer with code.",
@@ -245,7 +233,7 @@ def train_tokenizer(texts: List[str], vocab_size: int):
     tok = Tokenizer(models.BPE(fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -286,23 +274,27 @@ def write_tokenizer(tok, path: Path, max_len: int) -> None:
 def build_model(config: dict, seed: int):
     mx.random.seed(seed)
     model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(copy.deepcopy(config)))
-    # Small init for the residual outputs, normal(0, 0.02)-ish elsewhere;
-    # keep mlx-lm's init for norms, A_log, dt_bias and conv.
+    # Keep mlx-lm's init for norms, A_log, dt_bias and conv.
+    init_matrices(model, seed, config["text_config"]["num_hidden_layers"] + 1,
+                  ("o_proj.weight", "out_proj.weight", "down_proj.weight"))
+    return model
+
+
+def init_matrices(model, seed: int, n_layers: int, residual_outputs: Tuple[str, ...], keep=()) -> None:
+    """normal(0, 0.02) for every matrix not in `keep`, smaller for the
+    residual outputs (names ending in `residual_outputs`); everything else
+    (norms, layer scalars...) keeps the model's own init."""
     rng = np.random.default_rng(seed)
-    n_layers = config["text_config"]["num_hidden_layers"] + 1
     params = {}
     for name, value in tree_flatten(model.parameters()):
-        if value.ndim != 2:
+        if value.ndim != 2 or name in keep:
             continue
         std = 0.02
-        if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+        if name.endswith(residual_outputs):
             std = 0.02 / math.sqrt(2 * n_layers)
         params[name] = mx.array(rng.normal(0, std, value.shape), dtype=mx.float32)
-    from mlx.utils import tree_unflatten
-
     model.update(tree_unflatten(list(params.items())))
     mx.eval(model.parameters())
-    return model
 
 
 def losses(model, x: mx.array, depth: int, stride: int = 1):
@@ -323,6 +315,91 @@ def losses(model, x: mx.array, depth: int, stride: int = 1):
     return ce, mtp
 
 
+# --- shared by the demo trainers ----------------------------------------------
+
+
+def add_options(p: argparse.ArgumentParser, **defaults) -> None:
+    """`--some-name` options typed by their defaults (keyword some_name)."""
+    for name, default in defaults.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+
+
+def add_common_arguments(p: argparse.ArgumentParser, out: str) -> None:
+    """The options both demo trainers take, with the same defaults."""
+    p.add_argument("--out", default=out)
+    add_options(p, seed=0, vocab=3072, hidden=128, head_dim=32, intermediate=384, layers=4, seq=128, batch=16,
+                lr=3e-3, warmup=30, weight_decay=0.1, chat_fraction=0.25)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--log", default=None, help=f"log file (default OUT/../{Path(out).name}-train.log)")
+
+
+def start_run(args, append: bool):
+    """(start time, OUT, say, corpus): creates OUT, opens the run log and
+    reads the corpus, logging the arguments and the corpus size."""
+    t_start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = open_run_log(out, args.log, append=append)
+    say(f"args: {vars(args)}")
+    corpus = read_corpus()
+    say(f"corpus: {len(corpus)} files, {sum(len(t) for _, t in corpus) / 1e6:.1f}M chars from {sysconfig.get_paths()['stdlib']}")
+    return t_start, out, say, corpus
+
+
+def token_data(tok, corpus, seed: int, chat_fraction: float, min_val: int):
+    """(documents, all ids, train ids, held-out ids): the documents encoded
+    back to back, each followed by the pad token; the last 2% (at least
+    `min_val` ids) held out."""
+    docs = build_documents(corpus, seed, chat_fraction)
+    pad_id = tok.token_to_id(PAD_TOKEN)
+    ids: List[int] = []
+    for enc in tok.encode_batch(docs, add_special_tokens=False):
+        ids.extend(enc.ids)
+        ids.append(pad_id)
+    data = np.array(ids, dtype=np.int32)
+    n_val = max(len(data) // 50, min_val)
+    return docs, data, data[:-n_val], data[-n_val:]
+
+
+def make_schedule(lr: float, steps: int, warmup: int):
+    """Linear warmup, then cosine decay to 5% of `lr`."""
+    warmup = min(warmup, steps // 10 + 1)
+    return optim.join_schedules(
+        [optim.linear_schedule(lr * 0.01, lr, warmup), optim.cosine_decay(lr, max(1, steps - warmup), lr * 0.05)],
+        [warmup],
+    )
+
+
+def make_train_step(model, loss_fn, schedule, weight_decay: float):
+    """(step, state): a compiled AdamW step (gradients clipped to norm 1)
+    returning what `loss_fn(model, *inputs)` returns; `state` is what to
+    mx.eval after each step."""
+    opt = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=weight_decay)
+    grad_fn = nn.value_and_grad(model, loss_fn)
+    state = [model.state, opt.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(*inputs):
+        value, grads = grad_fn(model, *inputs)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        opt.update(model, grads)
+        return value
+
+    return step, state
+
+
+def random_batch(rng, source: np.ndarray, L: int, n: int) -> mx.array:
+    """n random windows of L ids from `source`."""
+    starts = rng.integers(0, len(source) - L, n)
+    return mx.array(np.stack([source[s : s + L] for s in starts]))
+
+
+def fixed_batches(source: np.ndarray, L: int, batch: int, seed: int, n: int = 2) -> List[mx.array]:
+    """n random batches drawn once (the same every evaluation)."""
+    rng = np.random.default_rng(seed)
+    return [random_batch(rng, source, L, batch) for _ in range(n)]
+
+
 def main(argv=None) -> None:
     from .gdn import chunked_training
 
@@ -333,44 +410,22 @@ def main(argv=None) -> None:
 
 def _main(argv, chunked_training) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="assets/demo-qwen")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vocab", type=int, default=3072)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--intermediate", type=int, default=384)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--full-attention-interval", type=int, default=2)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=520)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    add_common_arguments(p, out="assets/demo-qwen")
+    add_options(p, full_attention_interval=2, steps=520)
     p.add_argument("--mtp-depth", type=int, default=3, help="MTP unroll depth in training")
     p.add_argument("--mtp-weights", default="0.5,0.3,0.2")
     p.add_argument("--mtp-stride", type=int, default=4, help="score depths > 1 at every Nth position")
-    p.add_argument("--chat-fraction", type=float, default=0.25)
-    p.add_argument("--log", default=None, help="loss log file (default OUT/../demo-qwen-train.log)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--stop-step", type=int, default=None,
                    help="stop after this step, the LR schedule still planned for --steps "
                    "(reproduces a run that --max-minutes cut short)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop training early after this many minutes (the log says so)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--eval-only", action="store_true",
                    help="score the saved checkpoint in OUT on the held-out split (no training)")
     args = p.parse_args(argv)
 
-    t_start = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    say = open_run_log(out, args.log, append=args.eval_only)
-
-    say(f"args: {vars(args)}")
-    corpus = read_corpus()
-    say(f"corpus: {len(corpus)} files, {sum(len(t) for _, t in corpus) / 1e6:.1f}M chars from {sysconfig.get_paths()['stdlib']}")
+    t_start, out, say, corpus = start_run(args, append=args.eval_only)
     if args.eval_only:
         from tokenizers import Tokenizer
 
@@ -381,16 +436,10 @@ def _main(argv, chunked_training) -> None:
     eos_id, pad_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(PAD_TOKEN)
     if not args.eval_only:
         write_tokenizer(tok, out, args.seq * 8)
-    docs = build_documents(corpus, args.seed, args.chat_fraction)
-    ids: List[int] = []
-    for enc in tok.encode_batch(docs, add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(pad_id)
-    data = np.array(ids, dtype=np.int32)
-    n_val = max(len(data) // 50, 20 * (args.seq + args.mtp_depth + 1))
-    train, val = data[:-n_val], data[-n_val:]
+    min_val = 20 * (args.seq + args.mtp_depth + 1)
+    docs, data, train, val = token_data(tok, corpus, args.seed, args.chat_fraction, min_val)
     say(f"tokens: {len(data) / 1e6:.2f}M ({len(data) and sum(len(d) for d in docs) / len(data):.2f} chars/token), "
-        f"{len(docs)} documents, val {n_val}")
+        f"{len(docs)} documents, val {len(val)}")
 
     config = hf_config(args, eos_id, pad_id)
     if args.eval_only:
@@ -412,26 +461,10 @@ def _main(argv, chunked_training) -> None:
     def loss_fn(model, x):
         ce, mtp = losses(model, x, args.mtp_depth, args.mtp_stride)
         total = ce + sum(w * l for w, l in zip(weights, mtp))
-        return total, (ce, *mtp)
+        return total, mx.stack([ce, *mtp])
 
-    warmup = min(args.warmup, args.steps // 10 + 1)
-    schedule = optim.join_schedules(
-        [
-            optim.linear_schedule(args.lr * 0.01, args.lr, warmup),
-            optim.cosine_decay(args.lr, max(1, args.steps - warmup), args.lr * 0.05),
-        ],
-        [warmup],
-    )
-    opt = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=args.weight_decay)
-    grad_fn = nn.value_and_grad(model, loss_fn)
-    state = [model.state, opt.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(x):
-        (loss, parts), grads = grad_fn(model, x)
-        grads, _ = optim.clip_grad_norm(grads, 1.0)
-        opt.update(model, grads)
-        return loss, mx.stack(parts)
+    schedule = make_schedule(args.lr, args.steps, args.warmup)
+    step, state = make_train_step(model, loss_fn, schedule, args.weight_decay)
 
     # The parameters are an input: a plain mx.compile would freeze them.
     @partial(mx.compile, inputs=model.state)
@@ -441,16 +474,7 @@ def _main(argv, chunked_training) -> None:
 
     rng = np.random.default_rng(args.seed)
     L = args.seq + args.mtp_depth + 1
-
-    def batch(source, n):
-        starts = rng.integers(0, len(source) - L, n)
-        return mx.array(np.stack([source[s : s + L] for s in starts]))
-
-    val_rng = np.random.default_rng(args.seed + 1)
-    val_batches = []
-    for _ in range(4):
-        starts = val_rng.integers(0, len(val) - L, args.batch)
-        val_batches.append(mx.array(np.stack([val[s : s + L] for s in starts])))
+    val_batches = fixed_batches(val, L, args.batch, args.seed + 1, n=4)
 
     def evaluate():
         model.eval()
@@ -466,7 +490,7 @@ def _main(argv, chunked_training) -> None:
     t_train = time.time()
     avg = None
     for it in range(1, args.steps + 1):
-        loss, parts = step(batch(train, args.batch))
+        loss, parts = step(random_batch(rng, train, L, args.batch))
         mx.eval(state, loss, parts)
         parts = np.array(parts.tolist())
         avg = parts if avg is None else 0.95 * avg + 0.05 * parts
@@ -494,7 +518,7 @@ def _main(argv, chunked_training) -> None:
 
 
 def save(model, out: Path, config: dict, dtype: str, eos_id: int) -> None:
-    from ..testing import save_hf_checkpoint
+    from ..loading.writers import save_hf_checkpoint
 
     config = copy.deepcopy(config)
     config["torch_dtype"] = dtype

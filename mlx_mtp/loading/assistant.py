@@ -104,7 +104,7 @@ def load_assistant_drafter(
     from .gguf import is_gguf
 
     if is_gguf(path):
-        from .gguf_gemma4 import load_gguf_assistant
+        from .gguf import load_gguf_assistant
 
         return Gemma4AssistantDrafter(load_gguf_assistant(path), target)
     assistant = load_assistant(resolve_model_path(str(path), revision=revision))

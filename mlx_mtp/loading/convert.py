@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .safetensors import MODEL_CLASSES, CheckpointError, read_config
+from .safetensors import CheckpointError, read_config
 
 MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
 MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
@@ -96,18 +96,11 @@ class ShardWriter:
             json.dump(index, f, indent=4)
 
 
-def _model_args_class(model_type: str):
-    from ..models import qwen3_5
-    from . import safetensors as st
-
-    return getattr(st, "MODEL_ARGS", {}).get(model_type, qwen3_5.ModelArgs)
-
-
 def _build_lazy(config: Dict[str, Any]) -> nn.Module:
-    model_type = config.get("model_type")
-    if model_type not in MODEL_CLASSES:
-        raise CheckpointError(f"model type {model_type!r} is not supported (supported: {', '.join(sorted(MODEL_CLASSES))})")
-    return MODEL_CLASSES[model_type](_model_args_class(model_type).from_dict(copy.deepcopy(config)))
+    from .safetensors import checked_model_classes
+
+    model_class, args_class = checked_model_classes(config)
+    return model_class(args_class.from_dict(copy.deepcopy(config)))
 
 
 def is_head(path: str) -> bool:

@@ -1,10 +1,13 @@
 """Tiny Qwen3.5 + MTP checkpoints for tests and smoke runs (random weights,
-nothing downloaded).
+nothing downloaded). The Gemma 4 and GGUF fixtures are in the submodules
+`gemma`, `gguf` and `gguf_gemma4`.
 
 `predictable=True` builds a target whose next token is mostly a fixed
 permutation of the current one, plus an MTP head that knows the permutation.
 `noise` mixes in the random layers, so the head is right only some of the time
 and every accepted length (and so every rollback depth) shows up.
+
+    python -m mlx_mtp.testing DIR   # a complete tiny model directory
 """
 
 from __future__ import annotations
@@ -13,13 +16,23 @@ import copy
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .models import qwen3_5
+from ..loading.tokenizer_formats import (
+    CHATML_THINKING_TEMPLATE,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    QWEN_PRETOKENIZE_REGEX,
+    THINK_END,
+    THINK_START,
+)
+from ..loading.writers import is_norm, save_hf_checkpoint
+from ..models import qwen3_5
 
 VOCAB = 96
 
@@ -86,7 +99,7 @@ def build(config: dict, seed: int = 0, predictable: bool = False, noise: float =
     params = {}
     for name, value in tree_flatten(model.parameters()):
         shape = value.shape
-        if _is_norm(name):
+        if is_norm(name):
             params[name] = 1.0 + 0.1 * rng.standard_normal(shape)
         elif name.endswith("A_log"):
             params[name] = np.log(rng.uniform(1, 8, shape))
@@ -116,7 +129,7 @@ def _make_predictable(model, params: Dict[str, np.ndarray], rng, noise: float) -
         # Shrink every residual-branch output so the stream stays near E[t].
         if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
             params[name] = params[name] * noise
-        if name.startswith("mtp.") and _is_norm(name):
+        if name.startswith("mtp.") and is_norm(name):
             params[name] = np.ones_like(params[name])
     fc = np.zeros((H, 2 * H))
     fc[:, :H] = np.eye(H)
@@ -125,69 +138,18 @@ def _make_predictable(model, params: Dict[str, np.ndarray], rng, noise: float) -
         params["mtp.fc.weight"] = fc
 
 
-def _is_norm(name: str) -> bool:
-    parts = name.split(".")
-    return len(parts) >= 2 and "norm" in parts[-2] and parts[-1] == "weight"
-
-
 def _unflatten(flat: Dict[str, mx.array]):
     from mlx.utils import tree_unflatten
 
     return tree_unflatten(list(flat.items()))
 
 
-def save_hf_checkpoint(model, path: Path, config: dict, raw: bool = True, drop_mtp: bool = False) -> Path:
-    """Write `model`'s weights as a raw HF checkpoint (zero-centred norms,
-    `model.language_model.*` keys, torch conv1d layout) or in mlx-lm layout."""
-    path.mkdir(parents=True, exist_ok=True)
-    weights = {}
-    for name, value in tree_flatten(model.parameters()):
-        if drop_mtp and name.startswith("mtp."):
-            continue
-        if raw:
-            is_norm = _is_norm(name) and value.ndim == 1
-            is_gated_norm = ".linear_attn.norm." in name
-            if is_norm and not is_gated_norm:
-                value = value - 1.0
-            if "conv1d.weight" in name:
-                value = value.moveaxis(2, 1)  # [C, K, 1] -> [C, 1, K]
-            if name.startswith("language_model.model."):
-                name = "model.language_model." + name[len("language_model.model.") :]
-            elif name.startswith("language_model."):
-                name = name[len("language_model.") :]
-            if ".switch_mlp." in name:
-                name, value = _fuse_experts(name, value, weights)
-                if name is None:
-                    continue
-        weights[name] = value
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-    with open(path / "config.json", "w") as f:
-        json.dump(config, f, indent=1)
-    return path
-
-
-_pending: Dict[str, Dict[str, mx.array]] = {}
-
-
-def _fuse_experts(name: str, value: mx.array, weights: dict):
-    """mlx-lm's split switch_mlp -> Qwen3.5-MoE's fused `experts.gate_up_proj`."""
-    prefix, rest = name.split(".switch_mlp.")
-    if rest.startswith("down_proj"):
-        return f"{prefix}.experts.down_proj", value
-    parts = _pending.setdefault(prefix, {})
-    parts[rest.split(".")[0]] = value
-    if len(parts) < 2:
-        return None, None
-    del _pending[prefix]
-    return f"{prefix}.experts.gate_up_proj", mx.concatenate([parts["gate_proj"], parts["up_proj"]], axis=-2)
-
-
 # --- a tokenizer for the tiny models, built offline -----------------------
 
 # Special tokens first, so their ids are fixed and small. EOS is <|im_end|>,
 # id 1, which is the `eos_token_id` hf_config() writes.
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<think>", "</think>"]
-EOS_TOKEN = "<|im_end|>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_END, IM_START, THINK_START, THINK_END]
+EOS_TOKEN = IM_END
 EOS_TOKEN_ID = 1
 # Byte-level BPE symbols, as in the Qwen tokenizers: "\n" is "Ċ" and " " is
 # "Ġ". Printable ASCII minus a few characters, so the vocabulary is exactly
@@ -195,29 +157,9 @@ EOS_TOKEN_ID = 1
 # encoding, as byte-level BPE does for bytes it has no symbol for.
 DROPPED_CHARS = "^`~{}"
 CHARS = ["\u010a", "\u0120"] + [chr(c) for c in range(33, 127) if chr(c) not in DROPPED_CHARS]
-# The Qwen2/3/3.5 pre-tokenizer regex (transformers rebuilds Qwen3.5 tokenizers
-# with it from the vocabulary, so tokenizer.json uses the same pipeline).
-PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}|"""
-    r""" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-# A small Qwen-style template: optional system message, and the Qwen3
-# `enable_thinking` switch (on by default: the prompt opens a <think> block;
-# off: an empty think block is written for the model).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}"
-    "{{ '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- else -%}"
-    "{{ '<think>\\n' }}"
-    "{%- endif -%}"
-    "{%- endif -%}"
-)
+# A small Qwen-style ChatML template: optional system message, and Qwen3's
+# `enable_thinking` switch.
+CHAT_TEMPLATE = CHATML_THINKING_TEMPLATE
 
 
 def build_tokenizer():
@@ -234,7 +176,7 @@ def build_tokenizer():
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -251,7 +193,7 @@ def write_tokenizer(path: Path) -> Path:
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": EOS_TOKEN,
-        "pad_token": "<|endoftext|>",
+        "pad_token": ENDOFTEXT,
         "bos_token": None,
         "add_bos_token": False,
         "model_max_length": 2048,
@@ -281,7 +223,3 @@ def main(argv=None) -> None:
         raise SystemExit("usage: python -m mlx_mtp.testing OUTPUT_DIR")
     path = write_model_dir(Path(argv[0]))
     print(f"wrote a tiny Qwen3.5 + MTP checkpoint (random weights) to {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -12,13 +12,12 @@ assistant that knows the permutation through its projection and embedding.
 `noise` scales every residual branch (Gemma's post-norms set their size), so
 drafts are right only part of the time and every rollback depth shows up.
 
-    python -m mlx_mtp.testing_gemma DIR   # DIR/target + DIR/assistant
+    python -m mlx_mtp.testing.gemma DIR   # DIR/target + DIR/assistant
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -27,16 +26,18 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .models import gemma4
-from .models.gemma4_assistant import AssistantArgs, Gemma4Assistant
-from .testing import VOCAB, write_tokenizer
+from ..loading.configs import gemma4_assistant_config
+from ..loading.writers import is_norm, save_assistant, save_target
+from ..models import gemma4
+from ..models.base import FULL, SLIDING
+from ..models.gemma4_assistant import AssistantArgs, Gemma4Assistant
+from . import VOCAB, write_tokenizer
 
 HIDDEN = 64
 WINDOW = 8
-S, F = "sliding_attention", "full_attention"
 ROPE = {
-    F: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
-    S: {"rope_type": "default", "rope_theta": 10000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+    SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
 }
 
 
@@ -71,7 +72,7 @@ def text_config(kind: str = "e2b", **overrides) -> dict:
     if kind == "e2b":
         cfg.update(
             num_hidden_layers=6,
-            layer_types=[S, S, F, S, S, F],
+            layer_types=[SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL],
             num_kv_shared_layers=2,
             num_key_value_heads=1,
             hidden_size_per_layer_input=16,
@@ -80,7 +81,7 @@ def text_config(kind: str = "e2b", **overrides) -> dict:
     elif kind in ("moe", "dense"):
         cfg.update(
             num_hidden_layers=4,
-            layer_types=[S, S, S, F],
+            layer_types=[SLIDING, SLIDING, SLIDING, FULL],
             num_key_value_heads=2,
             attention_k_eq_v=True,
             num_global_key_value_heads=1,
@@ -108,50 +109,27 @@ def hf_config(kind: str = "e2b", **overrides) -> dict:
 
 def assistant_config(target_text: dict, ordered: bool = False, hidden: int = 48, **overrides) -> dict:
     """A `gemma4_assistant` config that pairs with `target_text`."""
-    text = {
-        "model_type": "gemma4_text",
-        "hidden_size": hidden,
-        "intermediate_size": 64,
-        "num_hidden_layers": 4,
-        "layer_types": [S, S, S, F],
-        "num_attention_heads": 4,
-        "num_key_value_heads": target_text.get("num_key_value_heads", 1),
-        "head_dim": target_text["head_dim"],
-        "global_head_dim": target_text["global_head_dim"],
-        "attention_k_eq_v": target_text.get("attention_k_eq_v", False),
-        "rms_norm_eps": 1e-6,
-        "vocab_size": target_text["vocab_size"],
-        "vocab_size_per_layer_input": 0,
-        "hidden_size_per_layer_input": 0,
-        "num_kv_shared_layers": 4,
-        "use_double_wide_mlp": False,
-        "enable_moe_block": False,
-        "sliding_window": target_text["sliding_window"],
-        "max_position_embeddings": target_text["max_position_embeddings"],
-        "final_logit_softcapping": None,
-        "rope_parameters": copy.deepcopy(target_text["rope_parameters"]),
-        "hidden_activation": "gelu_pytorch_tanh",
-        "tie_word_embeddings": True,
-    }
-    if "num_global_key_value_heads" in target_text:
-        text["num_global_key_value_heads"] = target_text["num_global_key_value_heads"]
-    cfg = {
-        "model_type": "gemma4_assistant",
-        "architectures": ["Gemma4AssistantForCausalLM"],
-        "backbone_hidden_size": target_text["hidden_size"],
-        "use_ordered_embeddings": ordered,
-        "num_centroids": 8,
-        "centroid_intermediate_top_k": 3,
-        "tie_word_embeddings": True,
-        "text_config": text,
-    }
+    cfg = gemma4_assistant_config(
+        hidden_size=hidden,
+        intermediate_size=64,
+        layer_types=[SLIDING, SLIDING, SLIDING, FULL],
+        num_attention_heads=4,
+        num_key_value_heads=target_text.get("num_key_value_heads", 1),
+        head_dim=target_text["head_dim"],
+        global_head_dim=target_text["global_head_dim"],
+        attention_k_eq_v=target_text.get("attention_k_eq_v", False),
+        num_global_key_value_heads=target_text.get("num_global_key_value_heads"),
+        vocab_size=target_text["vocab_size"],
+        sliding_window=target_text["sliding_window"],
+        max_position_embeddings=target_text["max_position_embeddings"],
+        rope_parameters=target_text["rope_parameters"],
+        backbone_hidden_size=target_text["hidden_size"],
+        use_ordered_embeddings=ordered,
+        num_centroids=8,
+        centroid_intermediate_top_k=3,
+    )
     cfg.update(overrides)
     return cfg
-
-
-def _is_norm(name: str) -> bool:
-    parts = name.split(".")
-    return len(parts) >= 2 and "norm" in parts[-2] and parts[-1] == "weight"
 
 
 def _random_params(model, rng) -> Dict[str, np.ndarray]:
@@ -160,7 +138,7 @@ def _random_params(model, rng) -> Dict[str, np.ndarray]:
         shape = value.shape
         if name.endswith("token_ordering"):
             params[name] = rng.permutation(shape[0]).astype(np.int32)
-        elif _is_norm(name) or name.endswith(("router.scale", "per_expert_scale")):
+        elif is_norm(name) or name.endswith(("router.scale", "per_expert_scale")):
             params[name] = 1.0 + 0.1 * rng.standard_normal(shape)
         elif name.endswith("layer_scalar"):
             params[name] = np.ones(shape)
@@ -251,57 +229,7 @@ def build_assistant(
     return model
 
 
-# --- checkpoints ---------------------------------------------------------------
-
-
-def _hf_target_weights(model, layout: str) -> Dict[str, mx.array]:
-    """mlx-lm names -> HF names (fused expert tensors; text or multimodal)."""
-    flat = dict(tree_flatten(model.parameters()))
-    out: Dict[str, mx.array] = {}
-    for name, value in flat.items():
-        name = name.removeprefix("language_model.")
-        if ".experts.switch_glu." in name:
-            base, rest = name.split(".switch_glu.")
-            if rest.startswith("down_proj"):
-                out[f"{base}.down_proj"] = value
-            elif rest.startswith("gate_proj"):
-                up = flat[[k for k in flat if k.endswith(f"{base}.switch_glu.up_proj.weight")][0]]
-                out[f"{base}.gate_up_proj"] = mx.concatenate([value, up], axis=-2)
-            continue
-        if layout == "gemma4" and name.startswith("model."):
-            name = "model.language_model." + name[len("model.") :]
-        out[name] = value
-    return out
-
-
-def save_target(model, path: Path, config: dict, raw: bool = True) -> Path:
-    """Write a target checkpoint: HF names (raw=True, in the config's layout)
-    or mlx-lm's own names."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    if raw:
-        weights = _hf_target_weights(model, config["model_type"])
-    else:
-        weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (path / "config.json").write_text(json.dumps(config, indent=1))
-    return path
-
-
-def save_assistant(model: Gemma4Assistant, path: Path, config: dict, num_assistant_tokens: Optional[int] = None,
-                   quantization: Optional[dict] = None) -> Path:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-    config = dict(config)
-    if quantization:
-        config["quantization"] = quantization
-    (path / "config.json").write_text(json.dumps(config, indent=1))
-    if num_assistant_tokens:
-        gen = {"num_assistant_tokens": num_assistant_tokens, "num_assistant_tokens_schedule": "constant"}
-        (path / "generation_config.json").write_text(json.dumps(gen))
-    return path
+# --- a complete pair (saved with mlx_mtp.loading.writers) ----------------------
 
 
 def write_pair(path: Path, kind: str = "e2b", ordered: Optional[bool] = None, layout: str = "gemma4",
@@ -324,7 +252,7 @@ def write_pair(path: Path, kind: str = "e2b", ordered: Optional[bool] = None, la
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m mlx_mtp.testing_gemma OUTPUT_DIR")
+        raise SystemExit("usage: python -m mlx_mtp.testing.gemma OUTPUT_DIR")
     t, a = write_pair(Path(argv[0]))
     print(f"wrote a tiny Gemma 4 target to {t} and its assistant to {a} (random weights)")
 

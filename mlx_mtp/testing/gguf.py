@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional, Union
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .loading.gguf import _LAYER_NAMES, _NEXTN_NAMES, _TOP_NAMES, v_head_order
+from ..loading.gguf import LAYER_NAMES, NEXTN_NAMES, TOP_NAMES, v_head_order
 
 QType = Union[str, Callable[[str, tuple], str]]
 
@@ -133,11 +133,33 @@ def default_qtype(qtype: str) -> Callable[[str, tuple], str]:
 # --- the writer -----------------------------------------------------------------
 
 
+def add_tensor(w, gname: str, x: np.ndarray, pick: Callable[[str, tuple], str], seed: int) -> np.ndarray:
+    """Encode `x` as `pick(gname, shape)` into writer `w`; returns the stored
+    values (decoded, in x's shape)."""
+    import gguf
+
+    t = pick(gname, x.shape)
+    data = encode(x, t, seed=seed)
+    if t in ("F32", "F16"):
+        w.add_tensor(gname, data)
+    else:
+        w.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[t])
+    return decode(data, t).reshape(x.shape)
+
+
+def finish(w) -> None:
+    """Write the header, metadata and tensors, and close the file."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def _gguf_name(name: str, num_layers: int) -> Optional[str]:
-    inv_top = {v: k for k, v in _TOP_NAMES.items()}
+    inv_top = {v: k for k, v in TOP_NAMES.items()}
     if name in inv_top:
         return inv_top[name]
-    inv_layer = {v: k for k, v in _LAYER_NAMES.items() if k != "ssm_dt"}
+    inv_layer = {v: k for k, v in LAYER_NAMES.items() if k != "ssm_dt"}
     if name.startswith("language_model.model.layers."):
         i, rest = name[len("language_model.model.layers.") :].split(".", 1)
         return f"blk.{i}.{inv_layer[rest]}"
@@ -145,7 +167,7 @@ def _gguf_name(name: str, num_layers: int) -> Optional[str]:
         j, rest = name[len("mtp.layers.") :].split(".", 1)
         return f"blk.{num_layers + int(j)}.{inv_layer[rest]}"
     if name.startswith("mtp."):
-        inv = {v: k for k, v in _NEXTN_NAMES.items()}
+        inv = {v: k for k, v in NEXTN_NAMES.items()}
         return f"blk.{num_layers}.{inv[name[4:]]}"
     return None
 
@@ -248,17 +270,8 @@ def write_qwen35_gguf(
         elif reorder and name.endswith("out_proj.weight"):
             x = x.reshape(x.shape[0], hv, dv)[:, fwd].reshape(x.shape[0], -1)
             undo = lambda a: a.reshape(a.shape[0], hv, dv)[:, back].reshape(a.shape[0], -1)  # noqa: E731
-        t = pick(gname, x.shape)
-        data = encode(x, t, seed=seed + i)
-        if t in ("F32", "F16"):
-            w.add_tensor(gname, data)
-        else:
-            w.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[t])
-        stored[name] = undo(decode(data, t).reshape(x.shape))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        stored[name] = undo(add_tensor(w, gname, x, pick, seed + i))
+    finish(w)
     return stored
 
 
@@ -267,7 +280,7 @@ def write_tokenizer_metadata(w, tokenizer=None, chat_template: Optional[str] = N
     vocabulary (default: the tiny tokenizer of mlx_mtp.testing)."""
     import json
 
-    from .testing import CHAT_TEMPLATE, EOS_TOKEN_ID, build_tokenizer
+    from . import CHAT_TEMPLATE, EOS_TOKEN_ID, build_tokenizer
 
     tok = tokenizer or build_tokenizer()
     spec = json.loads(tok.to_str())

@@ -8,7 +8,7 @@ projections with its sparse-head tensors dropped, and a SentencePiece-style
 The writers return the weights as stored (dequantized, in mlx-lm's module
 layout), so a test can save the same values as safetensors and compare.
 
-    python -m mlx_mtp.testing_gguf_gemma4 DIR   # DIR/target.gguf + DIR/assistant.gguf
+    python -m mlx_mtp.testing.gguf_gemma4 DIR   # DIR/target.gguf + DIR/assistant.gguf
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from typing import Dict, List, Optional, Union
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .loading.gguf_gemma4 import _ASSISTANT_TOP, _LAYER, _TOP, FUSED_EXPERTS
-from .testing_gguf import QType, decode, default_qtype, encode
-
-S, F = "sliding_attention", "full_attention"
+from ..loading.gguf.gemma4 import ASSISTANT_TOP, FUSED_EXPERTS, LAYER, TOP
+from ..models.base import FULL, SLIDING
+from .gguf import QType, add_tensor, default_qtype, finish
 GEMMA_VOCAB = 384
-# Gemma-style ids: pad 0, eos 1, bos 2, unk 3 (as testing_gemma's configs say).
+# Gemma-style ids: pad 0, eos 1, bos 2, unk 3 (as testing.gemma's configs say).
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
@@ -129,11 +128,11 @@ def write_gemma_tokenizer_metadata(w, tok=None, with_merges: bool = True) -> Non
 
 # --- the writers -------------------------------------------------------------------
 
-_INV_TOP = {v: k for k, v in _TOP.items()}
-_INV_LAYER = {v: k for k, v in _LAYER.items()}
+_INV_TOP = {v: k for k, v in TOP.items()}
+_INV_LAYER = {v: k for k, v in LAYER.items()}
 _INV_ASSISTANT = {"pre_projection.weight": "nextn.pre_projection.weight",
                   "post_projection.weight": "nextn.post_projection.weight"}
-assert set(_INV_ASSISTANT.values()) <= set(_ASSISTANT_TOP)
+assert set(_INV_ASSISTANT.values()) <= set(ASSISTANT_TOP)
 
 
 def _gguf_name(name: str) -> str:
@@ -149,7 +148,7 @@ def _common_metadata(w, arch: str, text: dict, n: int) -> None:
     types = text["layer_types"][:n]
     rope = text["rope_parameters"]
     kv_full = text.get("num_global_key_value_heads") if text.get("attention_k_eq_v") else None
-    kv = [text["num_key_value_heads"] if t == S else (kv_full or text["num_key_value_heads"]) for t in types]
+    kv = [text["num_key_value_heads"] if t == SLIDING else (kv_full or text["num_key_value_heads"]) for t in types]
     w.add_uint32(f"{arch}.context_length", text["max_position_embeddings"])
     w.add_uint32(f"{arch}.embedding_length", text["hidden_size"])
     w.add_uint32(f"{arch}.block_count", n)
@@ -161,9 +160,9 @@ def _common_metadata(w, arch: str, text: dict, n: int) -> None:
     w.add_uint32(f"{arch}.attention.value_length_swa", text["head_dim"])
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", text["rms_norm_eps"])
     w.add_uint32(f"{arch}.attention.sliding_window", text["sliding_window"])
-    w.add_array(f"{arch}.attention.sliding_window_pattern", [t == S for t in types])
-    w.add_float32(f"{arch}.rope.freq_base", float(rope[F]["rope_theta"]))
-    w.add_float32(f"{arch}.rope.freq_base_swa", float(rope[S]["rope_theta"]))
+    w.add_array(f"{arch}.attention.sliding_window_pattern", [t == SLIDING for t in types])
+    w.add_float32(f"{arch}.rope.freq_base", float(rope[FULL]["rope_theta"]))
+    w.add_float32(f"{arch}.rope.freq_base_swa", float(rope[SLIDING]["rope_theta"]))
     w.add_uint32(f"{arch}.rope.dimension_count", text["global_head_dim"])
     w.add_uint32(f"{arch}.rope.dimension_count_swa", text["head_dim"])
 
@@ -171,27 +170,8 @@ def _common_metadata(w, arch: str, text: dict, n: int) -> None:
 def _rope_freqs(text: dict) -> np.ndarray:
     """What the converter synthesizes for the proportional RoPE of full layers."""
     half = text["global_head_dim"] // 2
-    rotated = int(text["global_head_dim"] * text["rope_parameters"][F].get("partial_rotary_factor", 1.0)) // 2
+    rotated = int(text["global_head_dim"] * text["rope_parameters"][FULL].get("partial_rotary_factor", 1.0)) // 2
     return np.where(np.arange(half) < rotated, 1.0, 1e30).astype(np.float32)
-
-
-def _add(w, gname: str, x: np.ndarray, pick, seed: int) -> np.ndarray:
-    import gguf
-
-    t = pick(gname, x.shape)
-    data = encode(x, t, seed=seed)
-    if t in ("F32", "F16"):
-        w.add_tensor(gname, data)
-    else:
-        w.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[t])
-    return decode(data, t).reshape(x.shape)
-
-
-def _finish(w) -> None:
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def write_gemma4_gguf(model, text: dict, path: Union[str, Path], qtype: QType = "F32",
@@ -232,12 +212,12 @@ def write_gemma4_gguf(model, text: dict, path: Union[str, Path], qtype: QType = 
             up_name = name.replace("gate_proj", "up_proj")
             fused = np.concatenate([x, params[up_name]], axis=-2)
             layer = name.split(".")[2]
-            values = _add(w, f"blk.{layer}.{FUSED_EXPERTS}", fused, pick, seed + i)
+            values = add_tensor(w, f"blk.{layer}.{FUSED_EXPERTS}", fused, pick, seed + i)
             half = x.shape[-2]
             stored[name], stored[up_name] = values[..., :half, :], values[..., half:, :]
             continue
-        stored[name] = _add(w, _gguf_name(name), x, pick, seed + i)
-    _finish(w)
+        stored[name] = add_tensor(w, _gguf_name(name), x, pick, seed + i)
+    finish(w)
     return stored
 
 
@@ -267,8 +247,8 @@ def write_assistant_gguf(assistant, config: dict, path: Union[str, Path], qtype:
     for i, (name, value) in enumerate(tree_flatten(assistant.parameters())):
         if name.startswith("masked_embedding."):
             continue  # dropped by the converter
-        stored[name] = _add(w, _gguf_name(name), np.array(value).astype(np.float32), pick, seed + i)
-    _finish(w)
+        stored[name] = add_tensor(w, _gguf_name(name), np.array(value).astype(np.float32), pick, seed + i)
+    finish(w)
     return stored
 
 
@@ -280,7 +260,7 @@ def write_pair(path: Union[str, Path], kind: str = "e2b", qtype: QType = "F32", 
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    from .testing_gemma import assistant_config, build_assistant, build_target, save_assistant, save_target, text_config
+    from .gemma import assistant_config, build_assistant, build_target, save_assistant, save_target, text_config
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -306,7 +286,7 @@ def write_pair(path: Union[str, Path], kind: str = "e2b", qtype: QType = "F32", 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) not in (1, 2):
-        raise SystemExit("usage: python -m mlx_mtp.testing_gguf_gemma4 OUTPUT_DIR [QTYPE]")
+        raise SystemExit("usage: python -m mlx_mtp.testing.gguf_gemma4 OUTPUT_DIR [QTYPE]")
     t, a, _, _ = write_pair(Path(argv[0]), qtype=argv[1] if len(argv) > 1 else "F32")
     print(f"wrote a tiny Gemma 4 target to {t} and its assistant to {a} (random weights)")
 

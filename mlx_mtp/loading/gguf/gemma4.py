@@ -1,8 +1,8 @@
 """Gemma 4 GGUF files: `gemma4` targets and `gemma4-assistant` drafters.
 
-The tensors are read and repacked exactly as for qwen35 (see gguf.py: the
-same quant-type table applies). What llama.cpp's converter does to Gemma 4
-(drafters.md 4b), and how it is undone here:
+The tensors are read and repacked exactly as for qwen35 (`reader.py`,
+`quants.py`: the same quant-type table applies). What llama.cpp's converter
+does to Gemma 4 (drafters.md 4b), and how it is undone here:
 
 - Names: `attn_norm` -> input_layernorm, `post_attention_norm`,
   `ffn_norm` -> pre_feedforward_layernorm, `post_ffw_norm`,
@@ -28,13 +28,9 @@ The assistant (`gemma4-assistant`) uses the same layer names plus
 the target's hidden size. Converters drop the E2B/E4B sparse-head tensors
 (centroids, token ordering), so such an assistant drafts with its dense tied
 head: the same argmax over the exact logits, just a full-vocabulary matmul
-per step. A warning says so.
+per step. The loaded assistant's `load_note` says so (a drafter's `note`).
 
-The tokenizer (`tokenizer.ggml.model = "gemma4"`, also "llama"): SentencePiece
-pieces with U+2581 for spaces, byte tokens `<0xNN>` (type 6), merges
-(scores are all -1000 in gemma4 files), BOS added. Built as a `tokenizers`
-BPE with byte fallback, the layout of HF's own Gemma tokenizer.json; files
-without merges get them from the scores, as HF's SentencePiece converter does.
+The tokenizer (`tokenizer.ggml.model = "gemma4"`) is built in tokenizer.py.
 """
 
 from __future__ import annotations
@@ -42,7 +38,6 @@ from __future__ import annotations
 import copy
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union
 
@@ -50,16 +45,19 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .safetensors import CheckpointError
+from ...models.base import FULL, SLIDING
+from ..configs import gemma4_assistant_config
+from ..safetensors import CheckpointError
+from .quants import convert_tensor, load_into, mlx_weights, split_rows
+from .reader import COMMON_LAYER_NAMES, GGUFFile, converting, meta_value, metadata, open_gguf, tensor_shapes
 
 TARGET_ARCH = "gemma4"
 ASSISTANT_ARCH = "gemma4-assistant"
 ARCHS = (TARGET_ARCH, ASSISTANT_ARCH)
-S, F = "sliding_attention", "full_attention"
 # Backbone hidden sizes of the assistants that ship a sparse (ordered-embedding) head.
 SPARSE_HEAD_BACKBONES = {1536: "E2B", 2560: "E4B"}
 
-_TOP = {
+TOP = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
@@ -67,24 +65,14 @@ _TOP = {
     "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
     "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight",
 }
-_LAYER = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "post_attention_norm.weight": "post_attention_layernorm.weight",
+LAYER = {
+    **COMMON_LAYER_NAMES,  # input/post-attention norms, attention, dense MLP
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
     "pre_ffw_norm_2.weight": "pre_feedforward_layernorm_2.weight",
     "post_ffw_norm_1.weight": "post_feedforward_layernorm_1.weight",
     "post_ffw_norm_2.weight": "post_feedforward_layernorm_2.weight",
     "layer_output_scale.weight": "layer_scalar",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
     "ffn_gate_inp.weight": "router.proj.weight",
     "ffn_gate_inp.scale": "router.scale",
     "ffn_down_exps.scale": "router.per_expert_scale",
@@ -96,7 +84,7 @@ _LAYER = {
     "post_norm.weight": "post_per_layer_input_norm.weight",
 }
 FUSED_EXPERTS = "ffn_gate_up_exps.weight"
-_ASSISTANT_TOP = {
+ASSISTANT_TOP = {
     "nextn.pre_projection.weight": "pre_projection.weight",
     "nextn.post_projection.weight": "post_projection.weight",
     "mtp.pre_projection.weight": "pre_projection.weight",
@@ -108,13 +96,6 @@ _IGNORED = ("rope_freqs.weight",)
 
 
 # --- metadata -> config --------------------------------------------------------
-
-
-def _get(meta: Dict[str, Any], arch: str, key: str, default: Any = None) -> Any:
-    value = meta.get(f"{arch}.{key}", default)
-    if value is None:
-        raise CheckpointError(f"GGUF metadata lacks {arch}.{key}")
-    return value
 
 
 def _per_layer(value: Any, n: int, key: str) -> List[int]:
@@ -132,9 +113,9 @@ def _layer_types(meta: Dict[str, Any], arch: str, n: int) -> List[str]:
         if len(pattern) < n:
             raise CheckpointError(f"GGUF metadata {arch}.attention.sliding_window_pattern has {len(pattern)} "
                                   f"entries for {n} layers")
-        return [S if bool(p) else F for p in pattern[:n]]
+        return [SLIDING if bool(p) else FULL for p in pattern[:n]]
     period = int(pattern or 5)  # older files: every period-th layer is full
-    return [F if (i + 1) % period == 0 else S for i in range(n)]
+    return [FULL if (i + 1) % period == 0 else SLIDING for i in range(n)]
 
 
 def _rotary_factor(rope_freqs: Optional[np.ndarray], head_dim: int, default: float = 0.25) -> float:
@@ -157,7 +138,7 @@ def _rope_parameters(meta: Dict[str, Any], arch: str, head_full: int, head_swa: 
         "partial_rotary_factor": _rotary_factor(rope_freqs, head_full),
         "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 1000000.0)),
     }
-    return {F: full, S: sliding}
+    return {FULL: full, SLIDING: sliding}
 
 
 def _layer_tensors(shapes: Dict[str, Tuple[int, ...]], i: int) -> Set[str]:
@@ -170,18 +151,18 @@ def gemma4_text_config(meta: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]],
     """A `gemma4_text` config (HF key names) from a gemma4 GGUF's metadata and
     tensor shapes (numpy order)."""
     arch = TARGET_ARCH
-    n = int(_get(meta, arch, "block_count"))
-    H = int(_get(meta, arch, "embedding_length"))
+    n = int(meta_value(meta, arch, "block_count"))
+    H = int(meta_value(meta, arch, "embedding_length"))
     types = _layer_types(meta, arch, n)
-    head_full = int(_get(meta, arch, "attention.key_length"))
+    head_full = int(meta_value(meta, arch, "attention.key_length"))
     head_swa = int(meta.get(f"{arch}.attention.key_length_swa", head_full))
     shared = int(meta.get(f"{arch}.attention.shared_kv_layers", 0) or 0)
     first_shared = n - shared
     if shared and not (0 < first_shared):
         raise CheckpointError(f"GGUF metadata: {shared} KV-shared layers out of {n}")
-    ff = _per_layer(_get(meta, arch, "feed_forward_length"), n, f"{arch}.feed_forward_length")
-    kv = _per_layer(_get(meta, arch, "attention.head_count_kv"), n, f"{arch}.attention.head_count_kv")
-    heads = _per_layer(_get(meta, arch, "attention.head_count"), n, f"{arch}.attention.head_count")
+    ff = _per_layer(meta_value(meta, arch, "feed_forward_length"), n, f"{arch}.feed_forward_length")
+    kv = _per_layer(meta_value(meta, arch, "attention.head_count_kv"), n, f"{arch}.attention.head_count_kv")
+    heads = _per_layer(meta_value(meta, arch, "attention.head_count"), n, f"{arch}.attention.head_count")
     if len(set(heads)) != 1:
         raise CheckpointError(f"per-layer query head counts {sorted(set(heads))} are not supported")
     vocab = int(shapes["token_embd.weight"][0])
@@ -192,11 +173,11 @@ def gemma4_text_config(meta: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]],
         raise CheckpointError(f"per-layer feed-forward widths {ff} are not a Gemma 4 layout")
 
     # KV heads per layer type, and whether K doubles as V (attn_v absent).
-    kv_swa = sorted({kv[i] for i in range(n) if types[i] == S})
-    kv_full = sorted({kv[i] for i in range(n) if types[i] == F})
+    kv_swa = sorted({kv[i] for i in range(n) if types[i] == SLIDING})
+    kv_full = sorted({kv[i] for i in range(n) if types[i] == FULL})
     if len(kv_swa) > 1 or len(kv_full) > 1:
         raise CheckpointError(f"per-layer KV head counts {kv} vary within a layer type")
-    full_owners = [i for i in range(first_shared) if types[i] == F]
+    full_owners = [i for i in range(first_shared) if types[i] == FULL]
     k_eq_v = bool(full_owners) and all(
         "attn_k.weight" in (lt := _layer_tensors(shapes, i)) and "attn_v.weight" not in lt for i in full_owners
     )
@@ -210,9 +191,9 @@ def gemma4_text_config(meta: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]],
         "num_key_value_heads": (kv_swa or kv_full)[0],
         "head_dim": head_swa,
         "global_head_dim": head_full,
-        "rms_norm_eps": float(_get(meta, arch, "attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": float(meta_value(meta, arch, "attention.layer_norm_rms_epsilon")),
         "vocab_size": vocab,
-        "sliding_window": int(_get(meta, arch, "attention.sliding_window")),
+        "sliding_window": int(meta_value(meta, arch, "attention.sliding_window")),
         "max_position_embeddings": int(meta.get(f"{arch}.context_length", 131072)),
         "final_logit_softcapping": (float(meta[f"{arch}.final_logit_softcapping"])
                                     if meta.get(f"{arch}.final_logit_softcapping") else None),
@@ -237,9 +218,9 @@ def gemma4_text_config(meta: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]],
         text["num_global_key_value_heads"] = kv_full[0]
     if text["enable_moe_block"]:
         text.update(
-            num_experts=int(_get(meta, arch, "expert_count")),
-            top_k_experts=int(_get(meta, arch, "expert_used_count")),
-            moe_intermediate_size=int(_get(meta, arch, "expert_feed_forward_length")),
+            num_experts=int(meta_value(meta, arch, "expert_count")),
+            top_k_experts=int(meta_value(meta, arch, "expert_used_count")),
+            moe_intermediate_size=int(meta_value(meta, arch, "expert_feed_forward_length")),
         )
     for key, meta_key in (("eos_token_id", "eos"), ("bos_token_id", "bos"), ("pad_token_id", "padding")):
         value = meta.get(f"tokenizer.ggml.{meta_key}_token_id")
@@ -252,51 +233,34 @@ def assistant_config(meta: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]],
                      rope_freqs: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """A `gemma4_assistant` config from a gemma4-assistant GGUF."""
     arch = ASSISTANT_ARCH
-    n = int(meta.get(f"{arch}.nextn_predict_layers") or _get(meta, arch, "block_count"))
-    H = int(_get(meta, arch, "embedding_length"))
-    head_full = int(_get(meta, arch, "attention.key_length"))
+    n = int(meta.get(f"{arch}.nextn_predict_layers") or meta_value(meta, arch, "block_count"))
+    H = int(meta_value(meta, arch, "embedding_length"))
+    head_full = int(meta_value(meta, arch, "attention.key_length"))
     head_swa = int(meta.get(f"{arch}.attention.key_length_swa", head_full))
-    pre = next((shapes[k] for k in _ASSISTANT_TOP if k in shapes and "pre_" in k), None)
+    pre = next((shapes[k] for k in ASSISTANT_TOP if k in shapes and "pre_" in k), None)
     backbone = meta.get(f"{arch}.embedding_length_out")
     if backbone is None and pre is not None:
         backbone = pre[1] // 2
     if backbone is None:
         raise CheckpointError(f"GGUF metadata lacks {arch}.embedding_length_out (the target's hidden size)")
-    heads = _per_layer(_get(meta, arch, "attention.head_count"), n, f"{arch}.attention.head_count")
+    heads = _per_layer(meta_value(meta, arch, "attention.head_count"), n, f"{arch}.attention.head_count")
     kv = _per_layer(meta.get(f"{arch}.attention.head_count_kv", 1), n, f"{arch}.attention.head_count_kv")
-    text = {
-        "model_type": "gemma4_text",
-        "hidden_size": H,
-        "intermediate_size": _per_layer(_get(meta, arch, "feed_forward_length"), n, "feed_forward_length")[0],
-        "num_hidden_layers": n,
-        "layer_types": _layer_types(meta, arch, n),
-        "num_attention_heads": heads[0],
-        "num_key_value_heads": kv[0],
-        "head_dim": head_swa,
-        "global_head_dim": head_full,
-        "rms_norm_eps": float(_get(meta, arch, "attention.layer_norm_rms_epsilon")),
-        "vocab_size": int(shapes["token_embd.weight"][0]),
-        "vocab_size_per_layer_input": 0,
-        "hidden_size_per_layer_input": 0,
-        "num_kv_shared_layers": n,
-        "use_double_wide_mlp": False,
-        "enable_moe_block": False,
-        "attention_k_eq_v": False,
-        "sliding_window": int(_get(meta, arch, "attention.sliding_window")),
-        "max_position_embeddings": int(meta.get(f"{arch}.context_length", 131072)),
-        "final_logit_softcapping": None,
-        "rope_parameters": _rope_parameters(meta, arch, head_full, head_swa, rope_freqs),
-        "hidden_activation": "gelu_pytorch_tanh",
-        "tie_word_embeddings": True,
-    }
-    return {
-        "model_type": "gemma4_assistant",
-        "architectures": ["Gemma4AssistantForCausalLM"],
-        "backbone_hidden_size": int(backbone),
-        "use_ordered_embeddings": False,  # the converter drops the sparse head
-        "tie_word_embeddings": True,
-        "text_config": text,
-    }
+    return gemma4_assistant_config(
+        hidden_size=H,
+        intermediate_size=_per_layer(meta_value(meta, arch, "feed_forward_length"), n, "feed_forward_length")[0],
+        layer_types=_layer_types(meta, arch, n),
+        num_attention_heads=heads[0],
+        num_key_value_heads=kv[0],
+        head_dim=head_swa,
+        global_head_dim=head_full,
+        rms_norm_eps=float(meta_value(meta, arch, "attention.layer_norm_rms_epsilon")),
+        vocab_size=int(shapes["token_embd.weight"][0]),
+        sliding_window=int(meta_value(meta, arch, "attention.sliding_window")),
+        max_position_embeddings=int(meta.get(f"{arch}.context_length", 131072)),
+        rope_parameters=_rope_parameters(meta, arch, head_full, head_swa, rope_freqs),
+        backbone_hidden_size=int(backbone),
+        use_ordered_embeddings=False,  # the converter drops the sparse head
+    )
 
 
 def declares_sparse_head(meta: Dict[str, Any], backbone: int) -> bool:
@@ -311,26 +275,28 @@ def declares_sparse_head(meta: Dict[str, Any], backbone: int) -> bool:
 # --- names ---------------------------------------------------------------------
 
 
+def _layer_name(gguf_name: str) -> Optional[str]:
+    """`blk.i.*` -> `model.layers.i.*` (both models use the same layer names)."""
+    m = re.match(r"^blk\.(\d+)\.(.+)$", gguf_name)
+    if m and m.group(2) in LAYER:
+        return f"model.layers.{m.group(1)}.{LAYER[m.group(2)]}"
+    return None
+
+
 def target_name(gguf_name: str) -> Optional[str]:
     """GGUF tensor name -> gemma4_text module path (None: not a model tensor)."""
-    if gguf_name in _TOP:
-        return _TOP[gguf_name]
-    m = re.match(r"^blk\.(\d+)\.(.+)$", gguf_name)
-    if m and m.group(2) in _LAYER:
-        return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
-    return None
+    if gguf_name in TOP:
+        return TOP[gguf_name]
+    return _layer_name(gguf_name)
 
 
 def assistant_name(gguf_name: str) -> Optional[str]:
     """GGUF tensor name -> Gemma4Assistant module path."""
-    if gguf_name in _ASSISTANT_TOP:
-        return _ASSISTANT_TOP[gguf_name]
+    if gguf_name in ASSISTANT_TOP:
+        return ASSISTANT_TOP[gguf_name]
     if gguf_name in ("token_embd.weight", "output_norm.weight"):
-        return _TOP[gguf_name]
-    m = re.match(r"^blk\.(\d+)\.(.+)$", gguf_name)
-    if m and m.group(2) in _LAYER:
-        return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
-    return None
+        return TOP[gguf_name]
+    return _layer_name(gguf_name)
 
 
 # --- the checkpoint ----------------------------------------------------------------
@@ -341,20 +307,9 @@ def _rope_freqs(reader) -> Optional[np.ndarray]:
     return None if t is None else np.asarray(t.data, dtype=np.float64).reshape(-1)
 
 
-@dataclass
-class Gemma4Checkpoint:
+class Gemma4Checkpoint(GGUFFile):
     """A gemma4 or gemma4-assistant GGUF read as an MLX checkpoint. Same
-    interface as gguf.GGUFCheckpoint (config, meta, tensors())."""
-
-    path: Path
-    reader: Any
-    meta: Dict[str, Any]
-    config: Dict[str, Any]
-    requant_bits: int = 8
-
-    @property
-    def arch(self) -> str:
-        return self.meta["general.architecture"]
+    interface as qwen35.GGUFCheckpoint (config, meta, tensors())."""
 
     @property
     def is_assistant(self) -> bool:
@@ -406,8 +361,6 @@ class Gemma4Checkpoint:
 
     def tensors(self) -> Iterator[Tuple[str, Any, str]]:
         """(module path, converted tensor, GGUF type name), one at a time."""
-        from .gguf import _take, convert_tensor
-
         plain, fused, unused = self._plan()
         if unused:
             warnings.warn(f"{self.path.name}: ignoring {len(unused)} GGUF tensor(s) a Gemma 4 "
@@ -415,30 +368,22 @@ class Gemma4Checkpoint:
                           f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}", stacklevel=3)
         cache: Dict[str, Any] = {}
         for t, name in plain:
-            try:
+            with converting(self.path, t):
                 value = cache.pop(t.name, None)
                 if value is None:
                     value = convert_tensor(t, self.requant_bits)
                     if name.endswith("k_proj.weight") and any(o is t and n != name for o, n in plain):
                         cache[t.name] = value
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{self.path}: cannot convert tensor {t.name!r} ({t.tensor_type.name}): {e}") from e
             yield name, value, t.tensor_type.name
         for t, prefix in fused:
-            value = convert_tensor(t, self.requant_bits)
-            rows = (value.weight if hasattr(value, "weight") else value).shape[-2]
-            half = np.arange(rows // 2)
-            yield f"{prefix}.gate_proj.weight", _take(value, half, -2), t.tensor_type.name
-            yield f"{prefix}.up_proj.weight", _take(value, half + rows // 2, -2), t.tensor_type.name
+            gate, up = split_rows(convert_tensor(t, self.requant_bits))
+            yield f"{prefix}.gate_proj.weight", gate, t.tensor_type.name
+            yield f"{prefix}.up_proj.weight", up, t.tensor_type.name
 
 
 def read_gemma4(path: Path, reader, meta: Dict[str, Any], requant_bits: int = 8) -> Gemma4Checkpoint:
     """A Gemma4Checkpoint for an opened gemma4 / gemma4-assistant GGUF."""
-    shapes = {t.name: tuple(int(x) for x in t.shape[::-1]) for t in reader.tensors}
-    if "token_embd.weight" not in shapes:
-        raise CheckpointError(f"{path}: GGUF file has no token_embd.weight")
+    shapes = tensor_shapes(reader, path)
     freqs = _rope_freqs(reader)
     if meta.get("general.architecture") == ASSISTANT_ARCH:
         config = assistant_config(meta, shapes, freqs)
@@ -453,25 +398,21 @@ def read_gemma4(path: Path, reader, meta: Dict[str, Any], requant_bits: int = 8)
 def build_empty(config: Dict[str, Any]) -> nn.Module:
     """The (unloaded) model for a config made here."""
     if config.get("model_type") == "gemma4_assistant":
-        from ..models.gemma4_assistant import AssistantArgs, Gemma4Assistant
+        from ...models.gemma4_assistant import AssistantArgs, Gemma4Assistant
 
         return Gemma4Assistant(AssistantArgs.from_config(copy.deepcopy(config)))
-    from ..models import gemma4
+    from ...models import gemma4
 
     return gemma4.TextModel(gemma4.TextModelArgs.from_dict(copy.deepcopy(config)))
 
 
 def build(config: Dict[str, Any], weights: Dict[str, mx.array], quantization: Dict[str, Any], lazy: bool = False):
     """The model with the listed modules quantized and `weights` loaded strictly."""
-    from .gguf import load_into
-
     return load_into(build_empty(config), weights, quantization, lazy)
 
 
 def load_target(ckpt: Gemma4Checkpoint, lazy: bool = False):
     """(model, config) for a gemma4 checkpoint."""
-    from .gguf import mlx_weights
-
     weights, quantization = mlx_weights(ckpt)
     config = copy.deepcopy(ckpt.config)
     if quantization:
@@ -480,9 +421,9 @@ def load_target(ckpt: Gemma4Checkpoint, lazy: bool = False):
 
 
 def load_gguf_assistant(path: Union[str, Path], lazy: bool = False, requant_bits: int = 8):
-    """A Gemma4Assistant from a gemma4-assistant GGUF (dense tied head)."""
-    from ..models.gemma4_assistant import AssistantError
-    from .gguf import metadata, mlx_weights, open_gguf
+    """A Gemma4Assistant from a gemma4-assistant GGUF (dense tied head).
+    Its `load_note` says when the source's sparse head was dropped."""
+    from ...models.gemma4_assistant import AssistantError
 
     path = Path(path).expanduser()
     try:
@@ -500,98 +441,13 @@ def load_gguf_assistant(path: Union[str, Path], lazy: bool = False, requant_bits
     except CheckpointError as e:
         raise AssistantError(str(e)) from e
     backbone = ckpt.config["backbone_hidden_size"]
+    model.load_note = None
     if declares_sparse_head(meta, backbone):
         kind = SPARSE_HEAD_BACKBONES.get(backbone, "E2B/E4B-style")
-        warnings.warn(
+        model.load_note = (
             f"{path.name}: this {kind} assistant's sparse (ordered-embedding) head was dropped by the GGUF "
-            "conversion; drafting with its dense tied head instead (exact, but slower per draft step)",
-            stacklevel=2,
+            "conversion; drafting with its dense tied head instead (exact, but slower per draft step)"
         )
     n = meta.get(f"{ASSISTANT_ARCH}.num_assistant_tokens")
     model.num_assistant_tokens = int(n) if n else None
     return model
-
-
-# --- tokenizer ------------------------------------------------------------------
-
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
-SPM_KINDS = ("gemma4", "llama")
-# End-of-turn tokens of Gemma chat templates (generation stops on them too).
-END_OF_TURN = ("<end_of_turn>", "<turn|>")
-
-
-def merges_from_scores(tokens: List[str], scores: List[float], types: List[int]) -> List[Tuple[str, str]]:
-    """BPE merges for a SentencePiece vocabulary that only has scores: every
-    split of a normal piece into two pieces of the vocabulary, ordered by the
-    merged piece's score (then by the parts' ids), as HF's converter does."""
-    vocab = {t: i for i, t in enumerate(tokens)}
-    found = []
-    for piece, i in vocab.items():
-        if types[i] not in (TOKEN_NORMAL, TOKEN_USER_DEFINED) or len(piece) < 2:
-            continue
-        for cut in range(1, len(piece)):
-            a, b = piece[:cut], piece[cut:]
-            if a in vocab and b in vocab:
-                found.append((-scores[i], vocab[a], vocab[b], a, b))
-    found.sort()
-    return [(a, b) for *_, a, b in found]
-
-
-def build_spm_tokenizer(meta: Dict[str, Any]):
-    """A HF fast tokenizer for a SentencePiece-style GGUF vocabulary, plus the
-    EOS ids: BPE with byte fallback over U+2581 pieces (Gemma's layout)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = list(meta.get("tokenizer.ggml.tokens") or [])
-    if not tokens:
-        raise CheckpointError("GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
-    types = [int(t) for t in (meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))]
-    scores = [float(s) for s in (meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))]
-    raw_merges = meta.get("tokenizer.ggml.merges") or []
-    merges = [tuple(m.split(" ", 1)) for m in raw_merges] if raw_merges else merges_from_scores(tokens, scores, types)
-    vocab: Dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
-
-    def token(key: str) -> Optional[str]:
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
-
-    unk = token("unknown") or next((t for t, ty in zip(tokens, types) if ty == TOKEN_UNKNOWN), None)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
-    replace = normalizers.Replace(" ", "\u2581")
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if prefix else replace
-    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if prefix:
-        steps.append(decoders.Strip(" ", 1, 0))
-    tok.decoder = decoders.Sequence(steps)
-    tok.add_tokens([
-        AddedToken(t, special=(ty == TOKEN_CONTROL), normalized=False)
-        for t, ty in zip(tokens, types)
-        if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)
-    ])
-    bos, eos = token("bos"), token("eos")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True)) and bos is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    if add_bos or add_eos:
-        single = " ".join(([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else []))
-        pair = single + " " + " ".join(([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else []))
-        special = [(t, vocab[t]) for t in {bos if add_bos else None, eos if add_eos else None} if t]
-        tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
-    kwargs = {k: v for k, v in (("eos_token", eos), ("pad_token", token("padding")),
-                                ("bos_token", bos), ("unk_token", unk)) if v is not None}
-    template = meta.get("tokenizer.chat_template")
-    if template:
-        kwargs["chat_template"] = template
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **kwargs)
-    eos_ids: List[int] = []
-    for key in ("eos", "eot"):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if i is not None and int(i) not in eos_ids:
-            eos_ids.append(int(i))
-    for t in END_OF_TURN:
-        if t in vocab and vocab[t] not in eos_ids:
-            eos_ids.append(vocab[t])
-    return hf, eos_ids

@@ -1,0 +1,108 @@
+"""Load llama.cpp GGUF files into our models, without going through `mx.load`
+(it corrupts Q4_K, drops MXFP4 and turns BF16 into F16).
+
+- `reader.py`: opening files (with errors that name the bad tensor), metadata;
+- `quants.py`: GGUF quant blocks repacked into MLX quantized weights (the
+  type table is there), requantization of the rest, strict loading;
+- `qwen35.py`: qwen35 / qwen35moe (MTP head included);
+- `gemma4.py`: gemma4 targets and gemma4-assistant drafters;
+- `tokenizer.py`: tokenizers from `tokenizer.ggml.*` metadata.
+
+This module only dispatches on `general.architecture`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+from ..safetensors import CheckpointError
+from . import gemma4, qwen35
+from .gemma4 import Gemma4Checkpoint, load_gguf_assistant
+from .quants import (
+    FLOAT_TYPES,
+    GROUP,
+    REPACKED,
+    BF16,
+    QuantTensor,
+    Tensor,
+    convert_tensor,
+    load_into,
+    mlx_weights,
+    pack_codes,
+    quantization_config,
+    requantize,
+    take,
+    to_mx,
+)
+from .qwen35 import (
+    LAYER_NAMES,
+    NEXTN_NAMES,
+    TOP_NAMES,
+    GGUFCheckpoint,
+    build_model,
+    qwen35_config,
+    qwen35_name,
+    qwen35_transform,
+    v_head_order,
+)
+from .reader import GGUF_MAGIC, GGUFFile, metadata, open_gguf
+from .tokenizer import PRE_TOKENIZER_REGEX, build_spm_tokenizer, build_tokenizer, load_gguf_tokenizer
+
+SUPPORTED_ARCHS = qwen35.ARCHS + gemma4.ARCHS
+
+__all__ = [
+    "BF16", "FLOAT_TYPES", "GGUF_MAGIC", "GROUP", "LAYER_NAMES", "NEXTN_NAMES", "PRE_TOKENIZER_REGEX", "REPACKED",
+    "SUPPORTED_ARCHS", "TOP_NAMES", "GGUFCheckpoint", "GGUFFile", "Gemma4Checkpoint", "QuantTensor", "Tensor",
+    "build_model", "build_spm_tokenizer", "build_tokenizer", "convert_tensor", "is_gguf", "load_gguf",
+    "load_gguf_assistant", "load_gguf_target", "load_gguf_tokenizer", "load_into", "metadata", "mlx_weights",
+    "open_gguf", "pack_codes", "quantization_config", "qwen35_config", "qwen35_name", "qwen35_transform",
+    "read_gguf", "requantize", "take", "to_mx", "v_head_order",
+]
+
+
+def is_gguf(path: Union[str, Path]) -> bool:
+    """True for an existing *.gguf file or one that starts with the GGUF magic."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return False
+    if p.suffix.lower() == ".gguf":  # a damaged one still gets GGUF's errors
+        return True
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def read_gguf(path: Union[str, Path], requant_bits: int = 8) -> GGUFFile:
+    """Open a GGUF file and derive our config from its metadata."""
+    path = Path(path).expanduser()
+    reader = open_gguf(path)
+    meta = metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise CheckpointError(
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
+        )
+    read = gemma4.read_gemma4 if arch in gemma4.ARCHS else qwen35.read_qwen35
+    return read(path, reader, meta, requant_bits)
+
+
+def load_gguf_target(path: Union[str, Path], lazy: bool = False, requant_bits: int = 8):
+    """(model, config, checkpoint) for a qwen35 / qwen35moe / gemma4 GGUF file."""
+    ckpt = read_gguf(path, requant_bits)
+    if ckpt.arch == gemma4.ASSISTANT_ARCH:
+        raise CheckpointError(
+            f"{path} is a Gemma 4 assistant (a drafter), not a target: pass it with --drafter "
+            "(drafter=...) next to its Gemma 4 target"
+        )
+    arch_module = gemma4 if ckpt.arch == gemma4.TARGET_ARCH else qwen35
+    model, config = arch_module.load_target(ckpt, lazy=lazy)
+    return model, config, ckpt
+
+
+def load_gguf(path: Union[str, Path], lazy: bool = False, requant_bits: int = 8):
+    """(model, config, tokenizer) from one GGUF file: no HF files needed."""
+    model, config, ckpt = load_gguf_target(path, lazy=lazy, requant_bits=requant_bits)
+    return model, config, load_gguf_tokenizer(ckpt.meta)
