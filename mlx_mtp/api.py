@@ -37,6 +37,9 @@ class SpeculativeModel:
     # This machine's measured step costs (`mlx-mtp tune`), the adaptive
     # policy's starting point; None until calibrated.
     step_costs: Optional[Any] = None
+    # The adaptive draft policy, kept across calls so what it learns about
+    # this model on this machine carries over from one prompt to the next.
+    draft_policy: Optional[Any] = None
 
     @property
     def default_num_draft(self) -> NumDraft:
@@ -59,6 +62,17 @@ class SpeculativeModel:
 
         if self.drafter is not None:
             self.step_costs = load_costs(self.calibration_key)
+            self.draft_policy = None
+
+    def policy_for(self, num_draft: NumDraft) -> Optional[Any]:
+        """The adaptive policy when `num_draft` is "auto" (made once)."""
+        if num_draft != AUTO or self.drafter is None:
+            return None
+        if self.draft_policy is None:
+            from .engine import auto_policy
+
+            self.draft_policy = auto_policy(self.drafter, self.step_costs)
+        return self.draft_policy
 
 
 def make_drafter(target: nn.Module, drafter: str = "auto") -> tuple[Optional[Drafter], Optional[str]]:
@@ -266,6 +280,7 @@ def stream_generate(
         stats=stats,
         prompt_cache=prompt_cache,
         costs=model.step_costs,
+        policy=model.policy_for(num_draft),
     )
     finalized = False
     for cycle in cycles:

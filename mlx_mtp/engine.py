@@ -232,15 +232,20 @@ def _validate(prompt: List[int], num_draft: NumDraft, max_tokens: int, ctx: int)
         raise ContextLengthError(f"the prompt has {len(prompt)} tokens but the model's context is {ctx} tokens")
 
 
+def auto_policy(drafter: Drafter, costs: Optional["StepCosts"] = None):
+    """A fresh adaptive policy for `drafter`. Keep one per model and pass it
+    to every `decode` call (the API does), so what it learnt carries over."""
+    from .draft_policy import DraftPolicy
+
+    return DraftPolicy(max(AUTO_MAX_DRAFT, drafter.default_num_draft), costs)
+
+
 def _make_policy(num_draft: NumDraft, drafter: Optional[Drafter], costs: Optional["StepCosts"]):
     if drafter is None:
-        return _FixedDraftLength(0), 0
+        return _FixedDraftLength(0)
     if num_draft == AUTO:
-        from .draft_policy import DraftPolicy
-
-        k_max = max(AUTO_MAX_DRAFT, drafter.default_num_draft)
-        return DraftPolicy(k_max, costs), k_max
-    return _FixedDraftLength(int(num_draft)), int(num_draft)
+        return auto_policy(drafter, costs)
+    return _FixedDraftLength(int(num_draft))
 
 
 def _prefill(
@@ -333,9 +338,9 @@ def decode(
     `num_draft`: tokens drafted per cycle, or "auto" to let the adaptive
     policy choose each cycle (0 when drafting does not pay), warm-started
     from `costs` (a calibration from `mlx-mtp tune`) when given.
-    `policy`: any object with `k_max`, `choose()`, `update(k, accepted,
-    seconds)` and `reason()` to pick the draft length instead (tests use a
-    scripted one).
+    `policy`: with "auto", the policy to use and keep learning in (see
+    `auto_policy`); any object with `k_max`, `choose()`, `update(k,
+    accepted, seconds)` and `reason()` will do (tests use a scripted one).
     `cache`: an empty list from `model.make_cache()` to keep (and inspect) the
     target's cache; by default a fresh one is made.
     `prompt_cache`: reuse the state a previous call left when `prompt` extends
@@ -347,10 +352,9 @@ def decode(
     _validate(prompt, num_draft, max_tokens, ctx)
     if drafter is not None and num_draft == 0 and prompt_cache is None:
         drafter = None  # plain decoding: no drafter work at all
-    if policy is None or drafter is None:
-        policy, k_max = _make_policy(num_draft, drafter, costs)
-    else:
-        k_max = policy.k_max
+    if policy is None or drafter is None or num_draft != AUTO:
+        policy = _make_policy(num_draft, drafter, costs)
+    k_max = policy.k_max
     stats = stats if stats is not None else Stats()
     stats.drafter = drafter.name if (drafter and num_draft) else "none"
     stats.num_draft = num_draft if drafter is not None else 0

@@ -267,7 +267,8 @@ def test_warmup_and_outliers_do_not_poison_the_time_model():
     assert policy.cycle_seconds(2) == pytest.approx(1.0)
     policy.update(2, 2, 1000.0)  # a GC pause: clipped
     assert policy.cycle_seconds(2) < 1.25
-    assert policy.choose() > 0
+    # Still wants to draft (a plain refresh cycle to measure T(0) may come first).
+    assert not policy.parked
 
 
 def test_unobserved_k_uses_the_fitted_line():
