@@ -27,24 +27,13 @@ from mlx_mtp.bench import backend_description
 from mlx_mtp.defaults import demo_model_path
 from mlx_mtp.drafters import MTPDrafter
 from mlx_mtp.engine import decode
-from mlx_mtp.testing import build, text_config
+from mlx_mtp.testing import bandwidth_config, build
 
 
 def demo_tokenizer() -> TokenizerWrapper:
     from transformers import AutoTokenizer
 
     return TokenizerWrapper(AutoTokenizer.from_pretrained(str(demo_model_path("demo-qwen"))))
-
-
-def model_config(hidden: int, layers: int, vocab: int) -> dict:
-    heads = hidden // 128
-    return text_config(
-        hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), head_dim=128,
-        linear_num_value_heads=heads, linear_num_key_heads=max(1, heads // 2),
-        linear_key_head_dim=128, linear_value_head_dim=128, vocab_size=vocab,
-        max_position_embeddings=8192, full_attention_interval=4,
-    )
 
 
 def params_of(model) -> int:
@@ -55,7 +44,7 @@ def params_of(model) -> int:
 
 def baseline(rounds: int, tokens: int) -> None:
     tok = demo_tokenizer()
-    model = build(model_config(1024, 8, tok.vocab_size), seed=0, predictable=True)
+    model = build(bandwidth_config(1024, 8, tok.vocab_size), seed=0, predictable=True)
     print(f"[k=0 vs mlx-lm] model: {params_of(model) / 1e6:.0f}M params fp32, 8 layers, hidden 1024")
     spec = SpeculativeModel(model, MTPDrafter(model))
     prompt = tok.encode("def fibonacci(n):\n    ")
@@ -84,7 +73,7 @@ def baseline(rounds: int, tokens: int) -> None:
 
 
 def prefill(rounds: int, lengths) -> None:
-    model = build(model_config(512, 32, 3072), seed=0, predictable=True)
+    model = build(bandwidth_config(512, 32, 3072), seed=0, predictable=True)
     print(f"[prefill] model: {params_of(model) / 1e6:.0f}M params fp32, 32 layers + 1 MTP layer, hidden 512")
     drafter = MTPDrafter(model)
     for n in lengths:

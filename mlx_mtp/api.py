@@ -323,3 +323,30 @@ def generate(
     """Generate and return the whole text. Arguments as for `stream_generate`."""
     responses = stream_generate(model, tokenizer, prompt, options, prompt_cache=prompt_cache, **overrides)
     return "".join(r.text for r in responses)
+
+
+def tune(
+    model: SpeculativeModel,
+    tokenizer: TokenizerWrapper,
+    *,
+    prompt: Prompt = "def fibonacci(n):",
+    repeats: int = 20,
+    save: bool = True,
+) -> Any:
+    """Measure this machine's cost of a target pass over 1..k_max+1 tokens
+    and of one draft step, store it (per machine, model, drafter and
+    quantization) for later runs, and start `model`'s adaptive policy from
+    it. Returns the `StepCosts`."""
+    from .calibration import save_costs
+    from .engine import auto_policy, measure_step_costs
+
+    if model.drafter is None:
+        raise DrafterUnavailableError(f"nothing to tune: {model.drafter_note or 'the model has no drafter'}")
+    k_max = auto_policy(model.drafter).k_max
+    costs = measure_step_costs(model.target, model.drafter, build_prompt(tokenizer, prompt),
+                               max_verify=k_max + 1, repeats=repeats)
+    if save:
+        save_costs(model.calibration_key, costs)
+    model.step_costs, model.draft_policy = costs, None
+    return costs
+

@@ -502,6 +502,40 @@ def chat(model_path: Optional[str], drafter: str, num_draft: Optional[int], opti
     run(model_path, options, drafter=drafter, show_drafts=not markdown)
 
 
+@main.command()
+@click.option("-m", "--model", "model_path", default=None, metavar="PATH_OR_REPO",
+              help="Model to calibrate (default: the bundled demo).")
+@click.option("--drafter", type=_DrafterArg(), default="auto", show_default=True, metavar="auto|mtp|PATH_OR_REPO",
+              help="The drafter to calibrate with (as for generate).")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed repeats per measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measured costs as JSON.")
+def tune(model_path: Optional[str], drafter: str, repeats: int, as_json: bool) -> None:
+    """Measure verify and draft costs on this machine for `-k auto`.
+
+    Stored in the user cache directory per machine, model, drafter and
+    quantization; later runs of this model start their adaptive draft
+    length from it and keep refining it online."""
+    from .api import DrafterUnavailableError, tune as run_tune
+    from .calibration import calibration_path
+
+    model, tokenizer = _load_or_fail(model_path or _default_model(), drafter)
+    _show_notes(model)
+    try:
+        costs = run_tune(model, tokenizer, repeats=repeats)
+    except DrafterUnavailableError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(costs.to_dict()))
+        return
+    one = costs.verify[1]
+    click.echo(f"target pass, by tokens in the pass (relative to 1 token; "
+               f"a draft step costs {1000 * costs.draft:.2f} ms = {costs.draft / one:.2f} of one):")
+    for n, seconds in sorted(costs.verify.items()):
+        click.echo(f"  {n:>2} tokens  {1000 * seconds:8.2f} ms  {seconds / one:5.2f}x")
+    click.echo(f"saved to {calibration_path()}", err=True)
+
+
 # --- checkpoints: convert / graft / inspect (issue #4) -------------------------
 
 

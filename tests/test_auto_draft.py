@@ -218,3 +218,86 @@ def test_auto_with_a_useless_head_stays_lossless():
     spec, stats = tokens_of(model, prompt, MTPDrafter(model), num_draft="auto", max_tokens=400)
     assert spec == tokens_of(model, prompt, num_draft=0, max_tokens=400)[0]
     assert stats.acceptance_rate < 0.3 and stats.host_syncs_per_cycle == 1.0
+
+
+def test_random_head_fixture_is_useless_and_lossless():
+    """`build(..., random_head=True)`: the floor case anyone can bench."""
+    good = tiny.build(tiny.text_config(), seed=3, predictable=True, noise=0.3)
+    bad = tiny.build(tiny.text_config(), seed=3, predictable=True, noise=0.3, random_head=True)
+    prompt = [5, 17, 33]
+    plain, _ = tokens_of(good, prompt, num_draft=0, max_tokens=60)
+    assert tokens_of(bad, prompt, num_draft=0, max_tokens=60)[0] == plain  # same trunk
+    spec_good, s_good = tokens_of(good, prompt, MTPDrafter(good), num_draft=2, max_tokens=60)
+    spec_bad, s_bad = tokens_of(bad, prompt, MTPDrafter(bad), num_draft=2, max_tokens=60)
+    assert spec_good == spec_bad == plain
+    assert s_good.acceptance_rate > 0.8 and s_bad.acceptance_rate < 0.2
+
+
+def test_cli_k_auto_json_and_bad_values(tiny_model_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from mlx_mtp.cli import main
+
+    result = CliRunner().invoke(main, ["generate", "-m", str(tiny_model_dir), "-k", "auto", "-n", "30", "--json", "hi"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["num_draft"] == "auto"
+    assert sum(stats["k_histogram"].values()) == stats["target_passes"]
+    assert 0 <= stats["parked_fraction"] <= 1 and len(stats["acceptance_per_depth"]) == 6
+    for bad in ("fast", "-1", "2.5"):
+        r = CliRunner().invoke(main, ["generate", "-m", str(tiny_model_dir), "-k", bad, "hi"])
+        assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_tune_stores_costs_and_load_starts_from_them(tiny_model_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import mlx_mtp
+    from mlx_mtp.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert mlx_mtp.load(tiny_model_dir)[0].step_costs is None
+    result = CliRunner().invoke(main, ["tune", "-m", str(tiny_model_dir), "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "mlx-mtp" / "calibration.json").exists()
+    assert "7 tokens" in result.output  # verify passes of 1..k_max+1 tokens
+    model, tokenizer = mlx_mtp.load(tiny_model_dir)
+    costs = model.step_costs
+    assert costs is not None and sorted(costs.verify) == list(range(1, 8)) and costs.draft > 0
+    # The policy starts from it, and auto stays lossless.
+    prompt = [5, 17, 33]
+    spec = [t for r in mlx_mtp.stream_generate(model, tokenizer, prompt, max_tokens=30) for t in r.tokens]
+    assert model.draft_policy is not None and model.draft_policy.costs is costs
+    assert spec == [t for r in mlx_mtp.stream_generate(model, tokenizer, prompt, num_draft=0, max_tokens=30)
+                    for t in r.tokens]
+    # Another drafter, model or machine is another key: nothing is mixed up.
+    no_draft = mlx_mtp.load(tiny_model_dir, drafter="none")[0]
+    assert no_draft.step_costs is None
+
+
+def test_bench_auto_mode_and_context_ladder(tiny_model_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mlx_mtp.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"category": "code", "prompt": "def f(x):"}\n{"category": "chat", "prompt": "hello"}\n')
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "-m", str(tiny_model_dir), "-k", "1,auto", "-n", "12",
+                                       "--prompts", str(prompts), "--context", "0,64", "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "auto: >= 0.97x the baseline on every category:" in result.output
+    assert "best fixed k=1" in result.output
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"0", "1", "auto"}
+    auto = report["modes"]["auto"]
+    assert set(auto["speedup_per_category"]) == {"code", "chat"}
+    assert sum(auto["k_histogram"].values()) > 0 and 0 <= auto["parked_fraction"] <= 1
+    assert set(report["contexts"]) == {"0", "64"}
+    ladder = report["contexts"]["64"]["modes"]
+    assert all(r["stats"]["prompt_tokens"] > 64 for r in ladder["0"]["runs"])
+    assert [r["tokens"] for r in ladder["auto"]["runs"]] == [r["tokens"] for r in ladder["0"]["runs"]]

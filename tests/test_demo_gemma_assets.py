@@ -27,7 +27,7 @@ def demo():
 def test_demo_gemma_pairs_with_its_assistant(demo):
     model, tokenizer = demo
     assert model.drafter is not None and model.drafter.name == "gemma4-assistant"
-    assert model.default_num_draft >= 1
+    assert model.drafter.default_num_draft >= 1 and model.default_num_draft == "auto"
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in tokenizer.eos_token_ids
 
 

@@ -304,7 +304,8 @@ def test_load_pair_and_generate(pair_dirs):
     target_dir, assistant_dir = pair_dirs
     model, tokenizer = mlx_mtp.load(target_dir, drafter=str(assistant_dir))
     assert model.drafter.name == "gemma4-assistant"
-    assert model.default_num_draft == 4  # generation_config.json num_assistant_tokens
+    assert model.drafter.default_num_draft == 4  # generation_config.json num_assistant_tokens
+    assert model.default_num_draft == "auto"
     prompt = list(range(3, 12))
     spec, stats = run(model.target, prompt, 4, model.drafter, max_tokens=48)
     plain, _ = run(model.target, prompt, max_tokens=48)
@@ -321,7 +322,7 @@ def test_cli_generate_with_assistant(pair_dirs):
     )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["stats"]["drafter"] == "gemma4-assistant" and out["stats"]["num_draft"] == 4
+    assert out["stats"]["drafter"] == "gemma4-assistant" and out["stats"]["num_draft"] == "auto"
     assert out["stats"]["accepted_tokens"] > 0
 
 

@@ -45,7 +45,7 @@ UPDATE_INTERVAL_S = 0.05  # UI refresh while streaming (the model never waits fo
 HELP = """\
 **Commands**
 
-- `/draft N`: draft N tokens per cycle (0: plain decoding)
+- `/draft auto|N`: adaptive draft length, or N tokens per cycle (0: plain decoding)
 - `/mtp on|off`: drafting on or off (F3)
 - `/temp T`: sampling temperature (0: greedy)
 - `/system TEXT`: system message (`/system` shows it, `/system off` removes it)
@@ -72,6 +72,13 @@ def format_stats_bar(session: ChatSession, stats: Any = None, legend: bool = Fal
         parts.append(("no drafter", "$warning"))
     elif k == 0:
         parts.append(("mtp off", "$warning"))
+    elif k == "auto":
+        # The adaptive policy: the draft length of the newest cycle, and
+        # why it decodes plainly when it does.
+        now = f" (now {stats.last_k})" if stats is not None and stats.target_passes else ""
+        parts.append((f"{drafter.name} k=auto{now}", "bold $success"))
+        if stats is not None and stats.parked_reason:
+            parts.append((stats.parked_reason, "$warning"))
     else:
         parts.append((f"{drafter.name} k={k}", "bold $success"))
     if session.temp:
@@ -689,10 +696,14 @@ class ChatApp(App):
     def _cmd_draft(self, arg: str) -> None:
         if self.session.model.drafter is None:
             raise ValueError(f"this model has no drafter ({self._drafter_note()})")
+        if arg.strip() == "auto":
+            self.session.num_draft = self._saved_k = "auto"
+            self.note("Adaptive draft length: 0..6 per cycle, parked at 0 when drafting does not pay")
+            return
         try:
             k = int(arg)
         except ValueError:
-            raise ValueError("use /draft N, e.g. /draft 3 (0: plain decoding)") from None
+            raise ValueError("use /draft auto or /draft N, e.g. /draft 3 (0: plain decoding)") from None
         if not 0 <= k <= 16:
             raise ValueError("N must be between 0 and 16")
         self.session.num_draft = k

@@ -16,7 +16,7 @@ import copy
 import json
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -89,8 +89,28 @@ def hf_config(moe: bool = False, mtp_layers: int = 1, **overrides) -> dict:
     }
 
 
-def build(config: dict, seed: int = 0, predictable: bool = False, noise: float = 0.3):
-    """A randomly initialised model with the MTP head (float32)."""
+def bandwidth_config(hidden: int = 1024, layers: int = 8, vocab: int = VOCAB, **overrides) -> dict:
+    """A Qwen3.5 text config big enough (100M+ parameters at the defaults)
+    to be bandwidth-bound on a CPU with OpenBLAS, for speed figures."""
+    heads = max(1, hidden // 128)
+    cfg = dict(
+        hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), head_dim=128,
+        linear_num_value_heads=heads, linear_num_key_heads=max(1, heads // 2),
+        linear_key_head_dim=128, linear_value_head_dim=128, vocab_size=vocab,
+        max_position_embeddings=8192, full_attention_interval=4,
+    )
+    cfg.update(overrides)
+    return text_config(**cfg)
+
+
+def build(config: dict, seed: int = 0, predictable: bool = False, noise: float = 0.3,
+          random_head: bool = False):
+    """A randomly initialised model with the MTP head (float32).
+
+    `random_head=True` re-draws every `mtp.*` weight at random after the
+    rest is built: a head that is almost never right (the floor case for
+    the adaptive draft length)."""
     mx.random.seed(seed)
     cls = qwen3_5.MoeModel if "moe" in config["model_type"] else qwen3_5.Model
     # mlx-lm's args rewrite rope_parameters in place: keep the caller's dict intact.
@@ -110,6 +130,12 @@ def build(config: dict, seed: int = 0, predictable: bool = False, noise: float =
             params[name] = rng.standard_normal(shape) / np.sqrt(fan_in)
     if predictable:
         _make_predictable(model, params, rng, noise)
+    if random_head:
+        head_rng = np.random.default_rng(seed + 10_000)
+        for name in params:
+            if name.startswith("mtp.") and not is_norm(name):
+                shape = params[name].shape
+                params[name] = head_rng.standard_normal(shape) / np.sqrt(shape[-1] if len(shape) > 1 else 1)
     model.update(_unflatten({k: mx.array(v, dtype=mx.float32) for k, v in params.items()}))
     mx.eval(model.parameters())
     model.eval()
@@ -205,21 +231,42 @@ def write_tokenizer(path: Path) -> Path:
     return path
 
 
-def write_model_dir(path: Path, drop_mtp: bool = False, seed: int = 0) -> Path:
-    """A complete tiny model directory: raw HF safetensors + tokenizer.
+def write_model_dir(path: Path, drop_mtp: bool = False, seed: int = 0, config: Optional[dict] = None,
+                    noise: float = 1.6, random_head: bool = False) -> Path:
+    """A complete model directory: raw HF safetensors + tokenizer.
 
-    predictable=True with noise=1.6 gives roughly 50% draft acceptance."""
-    config = hf_config()
-    model = build(config, seed=seed, predictable=True, noise=1.6)
+    By default tiny; predictable=True with noise=1.6 gives roughly 50% draft
+    acceptance. `config`: another text config (e.g. `bandwidth_config()`),
+    nested the way released Qwen3.5 repos are."""
+    if config is None:
+        config = hf_config()
+    elif "text_config" not in config:
+        config = {**hf_config(), "text_config": config}
+    model = build(config, seed=seed, predictable=True, noise=noise, random_head=random_head)
     save_hf_checkpoint(model, Path(path), config, raw=True, drop_mtp=drop_mtp)
     write_tokenizer(path)
     return Path(path)
 
 
 def main(argv=None) -> None:
-    """python -m mlx_mtp.testing DIR: write a complete tiny model directory."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m mlx_mtp.testing OUTPUT_DIR")
-    path = write_model_dir(Path(argv[0]))
-    print(f"wrote a tiny Qwen3.5 + MTP checkpoint (random weights) to {path}")
+    """python -m mlx_mtp.testing DIR [--hidden H --layers L] [--noise X] [--random-head]:
+    write a complete model directory (tiny unless --hidden/--layers say otherwise)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mlx_mtp.testing",
+                                 description="Write a predictable Qwen3.5 + MTP checkpoint (random weights).")
+    ap.add_argument("output_dir")
+    ap.add_argument("--hidden", type=int, default=None, help="hidden size (with --layers: a bandwidth_config model)")
+    ap.add_argument("--layers", type=int, default=None, help="number of trunk layers")
+    ap.add_argument("--noise", type=float, default=None,
+                    help="how far the trunk strays from the predictable rule (default 1.6 tiny, 0.3 big)")
+    ap.add_argument("--random-head", action="store_true", help="an MTP head with random weights (useless drafts)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    big = args.hidden is not None or args.layers is not None
+    config = bandwidth_config(args.hidden or 1024, args.layers or 8) if big else None
+    noise = args.noise if args.noise is not None else (0.3 if big else 1.6)
+    path = write_model_dir(Path(args.output_dir), seed=args.seed, config=config, noise=noise,
+                           random_head=args.random_head)
+    head = "random MTP head" if args.random_head else "MTP head"
+    print(f"wrote a {'bandwidth-bound' if big else 'tiny'} Qwen3.5 + {head} checkpoint (random weights) to {path}")
