@@ -17,7 +17,6 @@ import argparse
 import statistics
 import time
 
-import mlx.core as mx
 from mlx_lm import stream_generate as lm_stream_generate
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 

@@ -7,7 +7,7 @@ Per cycle, all of it built as one lazy graph and evaluated with one host sync:
 Then, on the host: cut at a stop, roll every cache back to exactly the kept
 prefix and hand the verified hidden states to the drafter. k = 0 is plain
 decoding. The draft length is fixed (`num_draft=N`) or chosen per cycle by
-the adaptive policy (`num_draft="auto"`, see draft_policy.py).
+the adaptive policy (`num_draft="auto"`, docs/adaptive-draft.md).
 See docs/engine.md for the accept rules and the speedup arithmetic.
 """
 
@@ -219,6 +219,31 @@ class _DrafterFeed:
         hidden = self.hidden[0] if len(self.hidden) == 1 else mx.concatenate(self.hidden, axis=1)
         self.drafter.observe(tokens, hidden)
         self.tokens, self.hidden, self.pending = [], [], 0
+
+
+class _PlainStepClock:
+    """Per-cycle seconds for the policy. Pipelined plain steps overlap, and
+    a back end may even run the queued step inside the previous one's sync
+    (MLX's CPU stream does), so single k=0 cycles read alternately ~2 and
+    ~0 steps. Over a stretch of plain cycles the policy gets the stretch's
+    running mean instead (halved every PLAIN_WINDOW cycles, so it follows
+    drift); drafted cycles are timed on their own."""
+
+    PLAIN_WINDOW = 64
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def seconds(self, k: int, elapsed: float) -> float:
+        if k:
+            self.total, self.count = 0.0, 0
+            return elapsed
+        self.total += elapsed
+        self.count += 1
+        mean = self.total / self.count
+        if self.count >= self.PLAIN_WINDOW:
+            self.total, self.count = self.total / 2, self.count / 2
+        return mean
 
 
 def _validate(prompt: List[int], num_draft: NumDraft, max_tokens: int, ctx: int) -> None:
@@ -441,6 +466,7 @@ def decode(
 
     queued = None  # a k=0 step already on the device (plain decoding pipeline)
     planned = None  # the draft length already chosen for the next cycle
+    plain_clock = _PlainStepClock()
     cycle_start = decode_start
     while True:
         generated = stats.generated_tokens
@@ -473,7 +499,7 @@ def decode(
         now = time.perf_counter()
         n, drafted, bonus = out[0], out[1 : k + 1], out[k + 1]
         stats.record_cycle(k, n)
-        policy.update(k, n, now - cycle_start)
+        policy.update(k, n, plain_clock.seconds(k, now - cycle_start))
         cycle_start = now
         emitted = drafted[:n] + [bonus]
         kept, stats.finish_reason, cut = cut_at_stop(emitted, n, eos, generated, max_tokens)

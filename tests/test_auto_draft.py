@@ -154,7 +154,7 @@ def test_catch_up_leaves_the_head_as_if_it_had_followed(qwen):
 def test_prompt_cache_across_turns_with_auto(qwen):
     drafter = MTPDrafter(qwen)
     pc = PromptCache()
-    history = [5, 17, 33, 2]
+    history, cache_tokens = [5, 17, 33, 2], []
     for turn, extra in enumerate([[9, 11], [40, 41, 42], [7], [8, 9]]):
         prompt = history + extra
         stats = Stats()

@@ -1,4 +1,4 @@
-"""Gemma 4 targets with their assistant drafter (drafters.md section 3).
+"""Gemma 4 targets with their assistant drafter (docs/gemma4-assistant.md).
 
 - The target wrapper: logits(hidden(x)) equals mlx-lm's model, plain decoding
   equals mlx-lm's generate_step (which uses its RotatingKVCache).

@@ -121,7 +121,7 @@ def test_other_k_quants_are_requantized_to_8_bits(tmp_path, qtype):
 
 
 def test_v_head_order():
-    # Hk=2, Hv=4: the GGUF slot order is HF heads [0, 2, 1, 3] (drafters.md 4b).
+    # Hk=2, Hv=4: the GGUF slot order is HF heads [0, 2, 1, 3] (docs/gguf.md#converter-transforms).
     assert v_head_order(4, 2).tolist() == [0, 2, 1, 3]
     assert v_head_order(6, 2).tolist() == [0, 2, 4, 1, 3, 5]
     assert v_head_order(4, 4).tolist() == [0, 1, 2, 3]

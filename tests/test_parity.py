@@ -7,7 +7,7 @@
    weights in raw HF layout (skipped without torch), and `load_target` on
    that raw checkpoint vs the in-memory model (always runs).
 4. The dense MTP head vs an independent numpy implementation of
-   drafters.md section 1.
+   docs/mtp-head.md#forward.
 
 All models are tiny (hidden 64, 4 layers) and float32; tolerances are stated
 at each assertion.
@@ -275,7 +275,7 @@ def test_trunk_matches_transformers(variant, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# 4. MTP head vs an independent numpy implementation (drafters.md section 1)
+# 4. MTP head vs an independent numpy implementation (docs/mtp-head.md#forward)
 # ---------------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ The assistant has no cache of its own: each round it reads the target's KV
 (the last non-shared sliding and full layers, straight from the target cache
 the engine binds) and drafts from one pair, the bonus token and the target
 hidden state that produced it, at the bonus token's position p, which stays
-fixed for the whole round (drafters.md section 3). Nothing to roll back.
+fixed for the whole round (docs/gemma4-assistant.md#a-round). Nothing to roll back.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Head position i reads (E[t_{i+1}], h_i) and predicts t_{i+2}. Step j > 1 of a
 draft feeds back the head's own post-`mtp.norm` output in place of h. Those
 speculative entries of the head's KV cache are trimmed once the target has
 verified, and the accepted tokens are re-read with the target's real hidden
-states (drafters.md section 1, "Bookkeeping").
+states (docs/mtp-head.md#bookkeeping).
 """
 
 from __future__ import annotations

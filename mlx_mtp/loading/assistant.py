@@ -17,6 +17,7 @@ import mlx.nn as nn
 from ..drafters.gemma4_assistant import Gemma4AssistantDrafter
 from ..models.gemma4_assistant import AssistantArgs, AssistantError, Gemma4Assistant, sanitize
 from .hub import resolve_model_path
+from .safetensors import load_strict
 
 #: A model directory holding this subfolder drafts with it by default (demo-gemma).
 BUNDLED_ASSISTANT_DIR = "assistant"
@@ -73,12 +74,7 @@ def load_assistant(path: Path, lazy: bool = False) -> Gemma4Assistant:
             mode=quantization.get("mode", "affine"),
             class_predicate=predicate,
         )
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise AssistantError(f"{path}: weights do not match the config: {e}") from e
-    if not lazy:
-        mx.eval(model.parameters())
+    load_strict(model, weights, lazy=lazy, error=lambda e: AssistantError(f"{path}: weights do not match the config: {e}"))
     model.eval()
     gen = path / "generation_config.json"
     if gen.exists():

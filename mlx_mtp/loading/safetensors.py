@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import load_model
 
-from ..models.registry import MODEL_CLASSES, UnsupportedArchitectureError, model_classes  # noqa: F401
+from ..models.registry import UnsupportedArchitectureError, model_classes
 
 class CheckpointError(ValueError):
     pass
@@ -34,6 +34,18 @@ def checked_model_classes(config: Dict[str, Any]):
         return model_classes(config)
     except UnsupportedArchitectureError as e:
         raise CheckpointError(str(e)) from None
+
+
+def load_strict(model: nn.Module, weights: Dict[str, mx.array], *, lazy: bool, error) -> None:
+    """Load `weights` into `model` with every parameter accounted for;
+    `error(detail)` builds the exception for a mismatch. Reads them from
+    disk now unless `lazy`."""
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise error(str(e)) from e
+    if not lazy:
+        mx.eval(model.parameters())
 
 
 def materialize(model: nn.Module, label: str, batch_bytes: int = 256 << 20) -> None:

@@ -9,7 +9,7 @@ We add:
   keeps `window - 1 + slack` rows besides the newest pass, so trimming the
   newest pass back (a rejected draft) is exact at every context length.
 - `hidden` / `logits` / `embed` for the engine, and `shared_kv(cache)`: views
-  of the KV the assistant drafter attends to (drafters.md section 3), read
+  of the KV the assistant drafter attends to (docs/gemma4-assistant.md#the-kv-it-reads), read
   from the cache objects themselves, nothing copied.
 """
 

@@ -1,4 +1,4 @@
-"""The Gemma 4 assistant drafter model (`gemma4_assistant`, drafters.md section 3).
+"""The Gemma 4 assistant drafter model (`gemma4_assistant`, docs/gemma4-assistant.md#one-draft-step).
 
 4 Gemma 4 decoder layers (mlx-lm's own `gemma4_text.DecoderLayer`, built with
 every layer KV-shared, so they have q_proj / q_norm / o_proj and no K/V) whose

@@ -1,7 +1,7 @@
 """Qwen3.5 / Qwen3.6 (dense and MoE) targets with their MTP head.
 
 The trunk is mlx-lm's own `qwen3_5` / `qwen3_5_moe` model. We add:
-- the `mtp.*` head that mlx-lm's `sanitize` throws away (drafters.md section 1),
+- the `mtp.*` head that mlx-lm's `sanitize` throws away (docs/mtp-head.md#config-and-detection),
 - Gated-DeltaNet layers that can roll back to any verified prefix,
 - `hidden` / `logits` so the engine gets post-norm hidden states.
 """

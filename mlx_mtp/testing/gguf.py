@@ -1,5 +1,5 @@
 """Tiny qwen35 / qwen35moe GGUF files for tests, laid out the way llama.cpp's
-converter writes them (drafters.md 4b): GGUF names, ssm_a = -exp(A_log),
+converter writes them (docs/gguf.md#converter-transforms): GGUF names, ssm_a = -exp(A_log),
 squeezed conv1d, tiled V heads, norms with the +1 already in, nextn tensors
 for the MTP head, and the tokenizer in `tokenizer.ggml.*` metadata.
 

@@ -1,5 +1,5 @@
 """Tiny gemma4 / gemma4-assistant GGUF files for tests, laid out the way
-llama.cpp's converter writes them (drafters.md 4b): GGUF names, fused
+llama.cpp's converter writes them (docs/gguf.md#gemma4-and-gemma4-assistant): GGUF names, fused
 `ffn_gate_up_exps`, no `attn_v` where K and V are shared, a synthesized
 `rope_freqs`, per-layer metadata arrays, the assistant's `nextn.*`
 projections with its sparse-head tensors dropped, and a SentencePiece-style

@@ -2,7 +2,7 @@
 
 The tensors are read and repacked exactly as for qwen35 (`reader.py`,
 `quants.py`: the same quant-type table applies). What llama.cpp's converter
-does to Gemma 4 (drafters.md 4b), and how it is undone here:
+does to Gemma 4 (docs/gguf.md#gemma4-and-gemma4-assistant), and how it is undone here:
 
 - Names: `attn_norm` -> input_layernorm, `post_attention_norm`,
   `ffn_norm` -> pre_feedforward_layernorm, `post_ffw_norm`,

@@ -38,7 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..safetensors import CheckpointError
+from ..safetensors import CheckpointError, load_strict
 
 GROUP = 32
 
@@ -316,10 +316,6 @@ def load_into(model: nn.Module, weights: Dict[str, mx.array], quantization: Dict
 
         nn.quantize(model, class_predicate=predicate)
     model.eval()
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise CheckpointError(f"GGUF tensors do not match the model built from its metadata: {e}") from e
-    if not lazy:
-        mx.eval(model.parameters())
+    load_strict(model, weights, lazy=lazy,
+                error=lambda e: CheckpointError(f"GGUF tensors do not match the model built from its metadata: {e}"))
     return model

@@ -2,7 +2,7 @@
 
 The tensors are read by `reader.py` and repacked by `quants.py` (its table
 lists what each GGUF type becomes). Everything the llama.cpp converter
-changed is undone (drafters.md 4b): names, ssm_a = -exp(A_log), the squeezed
+changed is undone (docs/gguf.md#converter-transforms): names, ssm_a = -exp(A_log), the squeezed
 conv1d, the V-head reorder. The norms in qwen35 GGUFs already carry the +1,
 so the weights are produced in mlx-lm's (sanitized) layout, where nothing is
 shifted again.
@@ -260,7 +260,7 @@ def build_model(config: Dict[str, Any], weights, quantization: Dict[str, Any], l
     """Instantiate our model class for `config`, quantize the modules listed
     in `quantization` and load `weights` strictly."""
     from ...models import qwen3_5
-    from ..safetensors import MODEL_CLASSES
+    from ...models.registry import MODEL_CLASSES
 
     cls = MODEL_CLASSES[config["model_type"]]
     model = cls(qwen3_5.ModelArgs.from_dict(copy.deepcopy(config)))

@@ -2,7 +2,7 @@
 parts every architecture's checkpoint shares.
 
 `mx.load` is not safe for GGUF: it corrupts Q4_K, drops MXFP4 and turns BF16
-into F16 (drafters.md section 4). So nothing here goes through it: tensors
+into F16 (docs/gguf.md#do-not-use-mxload). So nothing here goes through it: tensors
 are read as raw blocks and repacked by `quants.py`.
 """
 
