@@ -235,12 +235,11 @@ class DraftPolicy:
     Probe bound.  While parked, one cycle in every S drafts `probe_k`
     tokens, with
 
-        S = clamp(ceil((T(k_p) - T(0) + X) / (budget * T(0))),
-                  probe_min_spacing, probe_max_spacing),
+        S = clamp(ceil((T(k_p) - T(0)) / (budget * T(0))),
+                  probe_min_spacing, probe_max_spacing).
 
-    where X is the measured extra time of the first plain cycle after a
-    drafted one (plain steps are pipelined; the one after a draft is not),
-    so the bound covers what leaving and re-entering the parked state costs.
+    T(0) is the mean of whole runs of plain cycles (`observe_plain`), so
+    the un-pipelined first plain step after a draft is part of it.
 
     A probe commits at least its bonus token, so its extra time over
     decoding the same tokens plainly is at most T(k_p) - E(k_p)*T(0)
@@ -315,12 +314,6 @@ class DraftPolicy:
         self._since_probe = 0      # parked cycles since the last k > 0 cycle
         self._since_plain = 0      # drafting cycles since the last k = 0 cycle
         self._best = 0             # argmax over all k (with the margin rule)
-        self._last_k = 0           # k of the previous cycle
-        # Extra seconds of the first plain cycle after a drafted one (on
-        # pipelined back ends plain steps overlap, and the first after a
-        # draft cannot): part of what a probe really costs.
-        self._transition = 0.0
-        self._transitions_seen = 0
         self._spacing = self._min_spacing
         self._recompute()
 
@@ -385,17 +378,18 @@ class DraftPolicy:
             if self._best == 0:
                 self._since_probe += 1
                 self._age_while_parked()
-        timed = isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0
-        if timed and k == 0 and self._last_k > 0 and self._t_n[0]:
-            # Not a steady plain step: charge its excess to the transition.
-            excess = max(float(seconds) - self._t[0], 0.0)
-            self._transitions_seen += 1
-            w = max(1.0 - self._t_decay, 1.0 / self._transitions_seen)
-            self._transition += w * (excess - self._transition)
-        elif timed:
+        if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0:
             self._observe_time(k, float(seconds))
-        self._last_k = k
         self._recompute()
+
+    def observe_plain(self, cycles: int, seconds: float) -> None:
+        """Wall time of `cycles` consecutive plain cycles, for callers that
+        cannot time them one by one: pipelined plain steps overlap (or one
+        cycle's read also waits for the next, queued step), so only a run of
+        them has a clean time. Their `update` calls then pass seconds=None."""
+        if cycles > 0 and math.isfinite(seconds) and seconds > 0:
+            self._observe_time(0, seconds / cycles)
+            self._recompute()
 
     # -- read-only views ----------------------------------------------------
 
@@ -580,6 +574,6 @@ class DraftPolicy:
             k = 0
         self._best = k
         if k == 0 and self._probe_k > 0:
-            overhead = max(t[self._probe_k] - t[0], 0.0) + self._transition
+            overhead = max(t[self._probe_k] - t[0], 0.0)
             s = math.ceil(overhead / (self._budget * t[0]) - 1e-9)
             self._spacing = min(max(s, self._min_spacing), self._max_spacing)

@@ -221,29 +221,40 @@ class _DrafterFeed:
         self.tokens, self.hidden, self.pending = [], [], 0
 
 
-class _PlainStepClock:
-    """Per-cycle seconds for the policy. Pipelined plain steps overlap, and
-    a back end may even run the queued step inside the previous one's sync
-    (MLX's CPU stream does), so single k=0 cycles read alternately ~2 and
-    ~0 steps. Over a stretch of plain cycles the policy gets the stretch's
-    running mean instead (halved every PLAIN_WINDOW cycles, so it follows
-    drift); drafted cycles are timed on their own."""
+class _PlainClock:
+    """Times runs of plain cycles for the policy. Pipelined plain steps
+    cannot be timed one by one (they overlap; on MLX's CPU back end a read
+    even waits for the queued next step too), but a run of them can: it is
+    reported when it ends (the next cycle drafts) and every PLAIN_WINDOW
+    cycles, cut only where no step is queued, so each report holds exactly
+    its own steps' work."""
 
-    PLAIN_WINDOW = 64
+    PLAIN_WINDOW = 32
 
     def __init__(self):
-        self.total, self.count = 0.0, 0
+        self.start: Optional[float] = None
+        self.cycles = 0
 
-    def seconds(self, k: int, elapsed: float) -> float:
-        if k:
-            self.total, self.count = 0.0, 0
-            return elapsed
-        self.total += elapsed
-        self.count += 1
-        mean = self.total / self.count
-        if self.count >= self.PLAIN_WINDOW:
-            self.total, self.count = self.total / 2, self.count / 2
-        return mean
+    def due(self) -> bool:
+        """The next plain cycle closes a window: do not queue past it."""
+        return self.cycles + 1 >= self.PLAIN_WINDOW
+
+    def tick(self, policy, cycle_start: float, now: float, queued_next: bool) -> None:
+        if self.start is None:
+            self.start = cycle_start
+        self.cycles += 1
+        if self.cycles >= self.PLAIN_WINDOW and not queued_next:
+            self._report(policy, now)
+
+    def flush(self, policy, now: float) -> None:
+        if self.cycles:
+            self._report(policy, now)
+
+    def _report(self, policy, now: float) -> None:
+        observe = getattr(policy, "observe_plain", None)
+        if observe is not None:
+            observe(self.cycles, now - self.start)
+        self.start, self.cycles = None, 0
 
 
 def _validate(prompt: List[int], num_draft: NumDraft, max_tokens: int, ctx: int) -> None:
@@ -466,7 +477,7 @@ def decode(
 
     queued = None  # a k=0 step already on the device (plain decoding pipeline)
     planned = None  # the draft length already chosen for the next cycle
-    plain_clock = _PlainStepClock()
+    plain_clock = _PlainClock()
     cycle_start = decode_start
     while True:
         generated = stats.generated_tokens
@@ -480,7 +491,8 @@ def decode(
             k = draft_length(generated, position) if planned is None else planned
             packed, hidden, k = build_cycle(mx.array([last], mx.int32), k)
         planned = None
-        if k == 0 and prompt_cache is None and generated + 1 < max_tokens and position + 1 < ctx:
+        if (k == 0 and prompt_cache is None and generated + 1 < max_tokens and position + 1 < ctx
+                and not plain_clock.due()):
             planned = draft_length(generated + 1, position + 1)
         if planned == 0:
             planned = None
@@ -490,6 +502,9 @@ def decode(
             # drop it; the drafter sees the step through the feed.
             if feed is not None:
                 feed.observe(packed[-1:], hidden, batch=True)
+            # The current step gets its own evaluation first: a read of it
+            # then waits for it alone, not for the queued step as well.
+            mx.async_eval(packed)
             queued = build_cycle(packed[-1:], 0)
             mx.async_eval(queued[0])
             observed = True
@@ -499,7 +514,12 @@ def decode(
         now = time.perf_counter()
         n, drafted, bonus = out[0], out[1 : k + 1], out[k + 1]
         stats.record_cycle(k, n)
-        policy.update(k, n, plain_clock.seconds(k, now - cycle_start))
+        if k:
+            plain_clock.flush(policy, cycle_start)
+            policy.update(k, n, now - cycle_start)
+        else:
+            policy.update(0, 0, None)
+            plain_clock.tick(policy, cycle_start, now, queued is not None)
         cycle_start = now
         emitted = drafted[:n] + [bonus]
         kept, stats.finish_reason, cut = cut_at_stop(emitted, n, eos, generated, max_tokens)
@@ -519,6 +539,7 @@ def decode(
         if stats.finish_reason is not None:
             if feed is not None:
                 feed.flush()  # lazy: leaves the drafter complete for whoever inspects it
+            plain_clock.flush(policy, cycle_start)
             return
         last = bonus
 
