@@ -231,13 +231,15 @@ class _PlainClock:
 
     PLAIN_WINDOW = 32
 
-    def __init__(self):
+    def __init__(self, policy):
+        # Only a policy that learns from plain time needs the windows cut.
+        self.enabled = hasattr(policy, "observe_plain")
         self.start: Optional[float] = None
         self.cycles = 0
 
     def due(self) -> bool:
         """The next plain cycle closes a window: do not queue past it."""
-        return self.cycles + 1 >= self.PLAIN_WINDOW
+        return self.enabled and self.cycles + 1 >= self.PLAIN_WINDOW
 
     def tick(self, policy, cycle_start: float, now: float, queued_next: bool) -> None:
         if self.start is None:
@@ -251,9 +253,8 @@ class _PlainClock:
             self._report(policy, now)
 
     def _report(self, policy, now: float) -> None:
-        observe = getattr(policy, "observe_plain", None)
-        if observe is not None:
-            observe(self.cycles, now - self.start)
+        if self.enabled:
+            policy.observe_plain(self.cycles, now - self.start)
         self.start, self.cycles = None, 0
 
 
@@ -477,7 +478,7 @@ def decode(
 
     queued = None  # a k=0 step already on the device (plain decoding pipeline)
     planned = None  # the draft length already chosen for the next cycle
-    plain_clock = _PlainClock()
+    plain_clock = _PlainClock(policy)
     cycle_start = decode_start
     while True:
         generated = stats.generated_tokens
