@@ -199,8 +199,8 @@ DEFAULT_TUNABLES: Dict[str, Any] = {
     "margin": 0.05,
     # Probing while parked: draft length and the cost bound (see class doc).
     "probe_k": 1,
-    "probe_budget": 0.03,
-    "probe_min_spacing": 16,
+    "probe_budget": 0.02,
+    "probe_min_spacing": 24,
     "probe_max_spacing": 256,
     # While drafting, run one plain cycle every this many cycles to refresh
     # T(0) (it drifts with context length); sooner (after
@@ -248,12 +248,12 @@ class DraftPolicy:
     that take >= S*T(0) plainly.  Hence, under the cost model:
 
         time spent parked <= (1 + probe_budget) * plain-decoding time of
-        the same tokens  (default: at most 3 % slower),
+        the same tokens  (default: at most 2 % slower),
 
-    whenever T(k_p) <= T(0) * (1 + budget * probe_max_spacing) (7.7 plain
+    whenever T(k_p) <= T(0) * (1 + budget * probe_max_spacing) (6.1 plain
     steps by default; beyond that the spacing is capped and the overhead
     is (T(k_p) - T(0)) / (probe_max_spacing * T(0))).  The floor keeps
-    probing rare (and the parked fraction >= 1 - 1/16) when probes are
+    probing rare (and the parked fraction >= 1 - 1/24) when probes are
     nearly free.
 
     Without `costs` it decides from the first cycle from its prior; with

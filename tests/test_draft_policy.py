@@ -313,7 +313,7 @@ def test_useless_drafter_parks_and_stays_as_fast_as_plain(name, cost):
     policy, run = run_policy(flat(0.01), cost, cycles)
     plain = fixed_rate(0, flat(0.01), cost, cycles)
     assert policy.parked_fraction >= 0.9
-    # TINY's probes are so dear that the probe bound itself (3 %) is what
+    # TINY's probes are so dear that the probe bound itself (2 %) is what
     # they cost; there the start-up cycles get half a percent on top.
     floor = 0.97 if name != "tiny" else 1.0 - DEFAULT_TUNABLES["probe_budget"] - 0.005
     assert run.rate() >= floor * plain
@@ -395,7 +395,7 @@ def test_probe_overhead_in_the_parked_regime_is_within_the_bound(a):
     spent = sum(run.seconds[lo:hi])
     plain = sum(run.tokens[lo:hi]) * t0  # the same tokens decoded plainly
     overhead = spent / plain - 1.0
-    assert 0.0 < overhead <= budget
+    assert 0.0 < overhead <= budget + 1e-9  # float rounding at the exact bound
     assert overhead > 0.5 * budget  # the bound, not the floor, sets the pace
 
 
