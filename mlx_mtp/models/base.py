@@ -7,7 +7,7 @@ classes subclass mlx-lm's own and add these few members.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, List, Optional, Protocol, runtime_checkable
 
 import mlx.core as mx
 
@@ -56,7 +56,3 @@ class Target(Protocol):
 def has_builtin_head(target: Any) -> bool:
     """True when the checkpoint carries a loaded MTP head."""
     return bool(getattr(target, "has_mtp", False))
-
-
-KVView = Tuple[mx.array, mx.array, int]
-SharedKV = Dict[str, KVView]

@@ -35,11 +35,3 @@ def model_classes(config: Dict[str, Any]) -> Tuple[Type, Type]:
             f"model type {model_type!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
         )
     return ARCHITECTURES[model_type]
-
-
-def architecture_name(model: Any) -> str:
-    """A readable architecture name for messages ("qwen3_5", "gemma4_text", ...)."""
-    for name, (cls, _) in ARCHITECTURES.items():
-        if type(model) is cls:
-            return getattr(getattr(model, "args", None), "model_type", None) or name
-    return type(model).__name__
