@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
-from .drafters import Drafter, MTPDrafter
-from .engine import PromptCache, Stats, decode
+from .drafters import Drafter, LookupThenModelDrafter, MTPDrafter, NGramDrafter
+from .engine import EmptyPromptError, PromptCache, Stats, decode
 from .loading import CheckpointError, load_target, resolve_model_path
-from .loading.assistant import bundled_assistant
+from .loading.assistant import ASSISTANT_MODE, LOOKUP_SUFFIX, bundled_assistant
 from .models.base import has_builtin_head
 from .options import AUTO, GenerationOptions, NumDraft
+from .templates import apply_template
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
+#: transformers' once-only flag for "Token indices sequence length is longer
+#: than the specified maximum sequence length ... will result in indexing errors"
+_LENGTH_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+def quiet_length_warning(tokenizer: Any) -> Any:
+    """Mark transformers' over-length warning as already shown for
+    `tokenizer`. Its model_max_length is a tokenizer setting that often
+    differs from the model's context; the engine checks the real context
+    (ContextLengthError), so the warning only adds a wrong figure."""
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(flags, dict):
+        flags[_LENGTH_WARNING] = True
+    return tokenizer
 
 
 class DrafterUnavailableError(ValueError):
@@ -80,11 +95,26 @@ def make_drafter(target: nn.Module, drafter: str = "auto") -> tuple[Optional[Dra
     why there is no drafter (None when there is one). Never warns: each front
     end shows the note once, in its own words.
 
-    drafter: "auto", "mtp", "none", or the directory / repo id of a separate
-    drafter model (a Gemma 4 assistant)."""
+    drafter: "auto", "mtp", "none", "ngram" (prompt lookup, docs/ngram.md),
+    the directory / repo id of a separate drafter model (a Gemma 4
+    assistant), or "<one of those models or mtp>+ngram" (prompt lookup in
+    front of it)."""
     if drafter == "none":
         return None, 'drafting disabled (drafter="none")'
+    problem = getattr(target, "rollback_problem", None)  # an mlx-lm model whose cache cannot roll back
+    if problem and drafter != "auto":
+        raise DrafterUnavailableError(f'cannot draft with this model: {problem}. Use drafter="none" for plain decoding.')
+    if drafter == "ngram":
+        return NGramDrafter(), None
+    if drafter.endswith(LOOKUP_SUFFIX) and drafter != LOOKUP_SUFFIX:
+        model_drafter, _ = make_drafter(target, drafter[: -len(LOOKUP_SUFFIX)])
+        return LookupThenModelDrafter(model_drafter), None
     if drafter not in ("auto", "mtp"):
+        from .loading.assistant import drafter_problem  # the CLI and inspect check the same way
+
+        problem = drafter_problem(str(drafter))
+        if problem:
+            raise DrafterUnavailableError(problem)
         return _load_drafter_model(target, str(drafter)), None
     if has_builtin_head(target):
         return MTPDrafter(target), None
@@ -133,19 +163,41 @@ def load(
         chosen, note = make_drafter(target, drafter)
         model = SpeculativeModel(target, chosen, config, Path(path_or_repo), note)
         model.load_calibration()
-        return model, tokenizer
+        return model, quiet_length_warning(tokenizer)
     path = resolve_model_path(str(path_or_repo), revision=revision)
     target, config = load_target(path, lazy=lazy)
     if not any(any(path.glob(p)) for p in TOKENIZER_FILES):
         raise CheckpointError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-    bundled = bundled_assistant(path)
-    if drafter == "auto" and not has_builtin_head(target) and bundled is not None:
-        drafter = str(bundled)  # a target shipped with its assistant (demo-gemma)
-    chosen, note = make_drafter(target, drafter)
+    chosen, note = make_drafter(target, _with_bundled_assistant(path, target, drafter))
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     model = SpeculativeModel(target, chosen, config, path, note)
     model.load_calibration()
-    return model, tokenizer
+    return model, quiet_length_warning(tokenizer)
+
+
+def _with_bundled_assistant(path: Optional[Path], target: nn.Module, drafter: str) -> str:
+    """`drafter` with the model folder's own assistant/ put in where it
+    stands: "auto" for a target without a head (demo-gemma), and the
+    "assistant" of "assistant+ngram"."""
+    bundled = bundled_assistant(path) if path is not None and Path(path).is_dir() else None
+    if drafter == "auto" and not has_builtin_head(target) and bundled is not None:
+        return str(bundled)
+    if drafter == ASSISTANT_MODE + LOOKUP_SUFFIX:
+        if bundled is None:
+            raise DrafterUnavailableError(
+                f"{path} has no {ASSISTANT_MODE}/ folder: name the assistant, as in drafter=\"PATH{LOOKUP_SUFFIX}\""
+            )
+        return str(bundled) + LOOKUP_SUFFIX
+    return drafter
+
+
+def with_drafter(model: SpeculativeModel, drafter: str) -> SpeculativeModel:
+    """The same loaded target with another drafter (as `load`'s `drafter`
+    argument names it), e.g. for `bench` to compare drafters on one model."""
+    chosen, note = make_drafter(model.target, _with_bundled_assistant(model.path, model.target, drafter))
+    other = replace(model, drafter=chosen, drafter_note=note, step_costs=None, draft_policy=None)
+    other.load_calibration()
+    return other
 
 
 def resolve_model(path_or_repo: Union[str, Path], *, revision: Optional[str] = None) -> Union[str, Path]:
@@ -182,9 +234,19 @@ def build_prompt(
     system: Optional[str] = None,
     chat_template: bool = True,
     enable_thinking: Optional[bool] = None,
+    tools: Optional[Sequence[Dict[str, Any]]] = None,
+    template_kwargs: Optional[Dict[str, Any]] = None,
 ) -> List[int]:
     """Token ids for `prompt`: text (one user message), a chat history (a
-    list of {"role", "content"} dicts) or token ids (used as they are)."""
+    list of {"role", "content"} dicts, tool messages and tool_calls included)
+    or token ids (used as they are). The chat template renders as
+    `templates.apply_template` does (enable_thinking None: the template's
+    own default)."""
+    if isinstance(prompt, str) and not prompt.strip():
+        # Blank text would still become template tokens: refuse it as the
+        # engine refuses an empty token list.
+        raise EmptyPromptError("the prompt is empty or only whitespace")
+    quiet_length_warning(tokenizer)  # a tokenizer the caller loaded: we check the context
     is_chat = isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], dict)
     if not isinstance(prompt, str) and not is_chat:
         return [int(t) for t in prompt]
@@ -194,10 +256,8 @@ def build_prompt(
         messages = ([{"role": "system", "content": system}] if system else []) + (
             list(prompt) if is_chat else [{"role": "user", "content": prompt}]
         )
-        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-        text = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, **extra
-        )
+        text = apply_template(tokenizer, messages, enable_thinking=enable_thinking, tools=tools,
+                              template_kwargs=template_kwargs)
         # The template already carries any BOS token.
         return list(tokenizer.encode(text, add_special_tokens=False))
     if system:
@@ -242,23 +302,27 @@ def stream_generate(
     options: Optional[GenerationOptions] = None,
     *,
     prompt_cache: Optional[PromptCache] = None,
+    cancelled: Optional[Callable[[], bool]] = None,
     **overrides: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate and yield one `GenerationResponse` per target pass.
 
     `prompt` is text (the chat template is applied unless chat_template=False),
     a chat history (list of {"role", "content"} dicts), or token ids used as
-    is. `options` says how to generate; keyword `overrides` change single
+    is; an empty or whitespace-only prompt raises EmptyPromptError (a
+    ValueError). `options` says how to generate; keyword `overrides` change single
     fields of it (num_draft=3, temp=0.7, max_tokens=..., as
     `GenerationOptions.replace` takes them). Pass the same `PromptCache`
     across calls (chat turns) to pre-fill only what is new since the
-    previous call."""
+    previous call. `cancelled()` is asked between prefill chunks: True
+    stops a long prompt before its first token (finish_reason "cancelled")."""
     options = options if options is not None else GenerationOptions()
     if overrides:
         options = options.replace(**overrides)
     prompt_tokens = build_prompt(
         tokenizer, prompt, system=options.system, chat_template=options.chat_template,
-        enable_thinking=options.enable_thinking,
+        enable_thinking=options.enable_thinking, tools=options.tools,
+        template_kwargs=options.chat_template_kwargs,
     )
     # Handed to the engine as it is (an int, or "auto" for the adaptive
     # policy); only None is resolved here, to the drafter's own default.
@@ -281,6 +345,7 @@ def stream_generate(
         prompt_cache=prompt_cache,
         costs=model.step_costs,
         policy=model.policy_for(num_draft),
+        cancelled=cancelled,
     )
     finalized = False
     for cycle in cycles:

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from .api import SpeculativeModel, build_prompt, stream_generate
 from .defaults import prompt_suite
-from .engine import draft_step_cost
+from .engine import EmptyPromptError, draft_step_cost
 from .options import AUTO, GenerationOptions, NumDraft
 
 #: What `run_bench` generates with unless told otherwise (as `mlx-mtp bench`).
@@ -40,6 +40,8 @@ def load_prompts(path: Optional[Path] = None) -> List[Dict[str, str]]:
                 prompts.append({"category": str(item.get("category", f"prompt{i}")), "prompt": str(item["prompt"])})
             except (json.JSONDecodeError, KeyError, AttributeError) as e:
                 raise ValueError(f"{path}:{i}: expected a JSON object with a \"prompt\" field") from e
+            if not prompts[-1]["prompt"].strip():
+                raise EmptyPromptError(f"{path}:{i}: the prompt is empty or only whitespace")
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts
@@ -83,6 +85,14 @@ class Run:
 class ModeSummary:
     k: NumDraft
     runs: List[Run] = field(default_factory=list)
+    #: the drafter, when the bench compares several ("mtp", "ngram", "mtp+ngram")
+    drafter: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        """How the mode is named in the report: "3", or "mtp+ngram:3" when
+        several drafters are compared."""
+        return str(self.k) if self.drafter is None or self.k == 0 else f"{self.drafter}:{self.k}"
 
     def aggregate(self) -> Dict[str, Any]:
         predicted = sum(r.stats["generated_tokens"] for r in self.runs)
@@ -122,6 +132,16 @@ class ModeSummary:
         hist = self.k_histogram()
         return hist.get("0", 0) / max(1, sum(hist.values()))
 
+    def sources(self) -> Dict[str, Dict[str, int]]:
+        """Per draft source, over all runs: cycles, drafted, accepted."""
+        out: Dict[str, Dict[str, int]] = {}
+        for r in self.runs:
+            for name, c in r.stats.get("sources", {}).items():
+                total = out.setdefault(name, {"cycles": 0, "drafted": 0, "accepted": 0})
+                for field_name in total:
+                    total[field_name] += c[field_name]
+        return out
+
 
 def long_prefix(tokenizer, prompts: List[Dict[str, str]], num_tokens: int) -> str:
     """About `num_tokens` tokens of text to put before each prompt (the
@@ -149,16 +169,20 @@ def _per_category(summary: ModeSummary, base: ModeSummary) -> Dict[str, float]:
     return {c: statistics.mean(v) for c, v in ratios.items()}
 
 
-def _summarize(summaries: Dict[NumDraft, ModeSummary], costs: Dict[int, float],
+def _summarize(summaries: Dict[Any, ModeSummary], costs: Dict[str, float],
                echo: Callable[[str], None]) -> Dict[str, Any]:
-    """The per-mode JSON entries and printed lines for one context length."""
+    """The per-mode JSON entries and printed lines for one context length.
+    `costs`: draft step cost c per mode key, for the fixed-k modes."""
     base = summaries[0]
     base_prefill = statistics.mean(r.stats["prefill_tokens_per_s"] for r in base.runs)
     modes: Dict[str, Any] = {}
-    for k, summary in summaries.items():
+    for summary in summaries.values():
+        k = summary.k
         agg = summary.aggregate()
         entry: Dict[str, Any] = {"aggregate": agg, "runs": [r.__dict__ for r in summary.runs]}
-        echo(f"== k={k} " + json.dumps(agg))
+        if summary.drafter is not None and k != 0:
+            entry.update(drafter=summary.drafter, draft_sources=summary.sources())
+        echo(f"== {_label(summary)} " + json.dumps(agg))
         prefill = statistics.mean(r.stats["prefill_tokens_per_s"] for r in summary.runs)
         if k == 0:
             entry.update(prefill_tokens_per_s=prefill)
@@ -180,12 +204,30 @@ def _summarize(summaries: Dict[NumDraft, ModeSummary], costs: Dict[int, float],
             entry.update(k_histogram=summary.k_histogram(), parked_fraction=summary.parked_fraction())
             line += f"  chosen k {summary.k_histogram()}  parked {100 * summary.parked_fraction():.0f}% of cycles"
         else:
-            ideal = ideal_speedup(tpp, k, costs[k])
-            entry.update(draft_step_cost=costs[k], ideal_speedup=ideal, measured_over_ideal=mean / ideal if ideal else 0.0)
-            line += f"  ideal {ideal:.2f}x (c={costs[k]:.3f})  measured/ideal {mean / ideal if ideal else 0:.2f}"
+            c = costs[summary.key]
+            ideal = ideal_speedup(tpp, k, c)
+            entry.update(draft_step_cost=c, ideal_speedup=ideal, measured_over_ideal=mean / ideal if ideal else 0.0)
+            line += f"  ideal {ideal:.2f}x (c={c:.3f})  measured/ideal {mean / ideal if ideal else 0:.2f}"
+        if entry.get("draft_sources"):
+            line += "  by source " + json.dumps(entry["draft_sources"])
         echo(line + f"  prefill {prefill:.0f} tok/s ({entry['prefill_vs_baseline']:.2f}x of drafting off)")
-        modes[str(k)] = entry
+        modes[summary.key] = entry
     return modes
+
+
+def _label(summary: ModeSummary) -> str:
+    return f"k={summary.k}" if summary.drafter is None or summary.k == 0 else f"{summary.drafter} k={summary.k}"
+
+
+def drafter_table(modes: Dict[str, Any]) -> List[str]:
+    """Tokens per pass and speedup per drafter mode, one line each, for the
+    bench's comparison of drafters."""
+    lines = [f"{'mode':<24} {'tokens/pass':>11} {'speedup':>8}  acceptance"]
+    for key, m in modes.items():
+        if key != "0":
+            rate = m["aggregate"]["aggregate_accept_rate"]
+            lines.append(f"{key:<24} {m['tokens_per_pass']:>11.2f} {m['speedup']:>7.2f}x  {100 * rate:.0f}%")
+    return lines
 
 
 def auto_verdict(modes: Dict[str, Any], floor: float = 0.97) -> Optional[str]:
@@ -214,75 +256,100 @@ def run_bench(
     options: Optional[GenerationOptions] = None,
     contexts: Sequence[int] = (0,),
     echo: Callable[[str], None] = print,
+    drafters: Sequence[str] = (),
+    lookup_prompts: Optional[List[Dict[str, str]]] = None,
     **overrides: Any,
 ) -> Dict[str, Any]:
     """Run every prompt at k=0 and at each draft length in `num_drafts`
     (ints and/or "auto"), interleaved prompt by prompt, for each context
     length in `contexts` (0: the prompt alone; N: after ~N tokens of text).
 
+    `drafters`: compare these drafters ("mtp", "ngram", "mtp+ngram", ... as
+    `load` names them) at each draft length on the same target; by default
+    the model's own. `lookup_prompts`: the categories where prompt lookup
+    matters (code_edit, doc_qa, json_reformat), run after the others at
+    context 0 and reported apart (`report["lookup"]`), so the standard table
+    stays comparable with other tools' figures.
+
     `options` (default `BENCH_OPTIONS`) holds max_tokens, sampling and seed;
     keyword `overrides` change single fields (max_tokens=..., temp=...). Its
     num_draft is ignored: the modes are the draft lengths."""
+    from .api import with_drafter
+
     options = options if options is not None else BENCH_OPTIONS
     if overrides:
         options = options.replace(**overrides)
     max_tokens, temp, seed = options.max_tokens, options.sampling.temp, options.seed
     # Greedy decoding must give the very same tokens in every mode.
     check_lossless = options.sampling.greedy
-    modes: List[NumDraft] = [0] + [k for k in num_drafts if k != 0]
-    if model.drafter is None and len(modes) > 1:
+    ks: List[NumDraft] = [k for k in num_drafts if k != 0]
+    models: Dict[Optional[str], SpeculativeModel] = {None: model}
+    if drafters:  # modes are named by what drafts ("gemma4-assistant+ngram"), not how it was asked for
+        chosen = [with_drafter(model, d) for d in drafters]
+        models = {(m.drafter.name if m.drafter else "none"): m for m in chosen}
+    if not drafters and model.drafter is None and ks:
         raise ValueError(f"this model has no drafter ({model.drafter_note}); only the baseline can run")
+    modes: List[ModeSummary] = [ModeSummary(0)] + [ModeSummary(k, drafter=d) for d in models for k in ks]
+    names = ", ".join(d for d in models if d) or (model.drafter.name if model.drafter else "none")
     echo(f"backend: {backend_description()}")
-    echo(f"model: {model.path}  drafter: {model.drafter.name if model.drafter else 'none'}  "
-         f"modes: {', '.join(f'k={k}' for k in modes)}  max_tokens={max_tokens} temp={temp} seed={seed}"
+    echo(f"model: {model.path}  drafter: {names}  "
+         f"modes: {', '.join(_label(m) for m in modes)}  max_tokens={max_tokens} temp={temp} seed={seed}"
          + (f"  contexts: {', '.join(map(str, contexts))}" if list(contexts) != [0] else ""))
 
-    def generate(prompt: str, k: NumDraft, n: int) -> Run:
+    def generate(prompt: str, mode: ModeSummary, n: int) -> Run:
         tokens: List[int] = []
         stats = None
-        for r in stream_generate(model, tokenizer, prompt, options, num_draft=k, max_tokens=n):
+        for r in stream_generate(models[mode.drafter] if mode.k else model, tokenizer, prompt, options,
+                                 num_draft=mode.k, max_tokens=n):
             tokens += r.tokens
             stats = r.stats
-        return Run("", k, tokens, stats.to_dict())
+        return Run("", mode.k, tokens, stats.to_dict())
 
-    for k in modes:  # warm-up: compile and allocate every path once
-        generate(prompts[0]["prompt"], k, 16)
+    for mode in modes:  # warm-up: compile and allocate every path once
+        generate(prompts[0]["prompt"], mode, 16)
 
-    costs: Dict[int, float] = {}
-    if model.drafter is not None:
-        first = build_prompt(tokenizer, prompts[0]["prompt"])
-        costs = {k: draft_step_cost(model.target, model.drafter, first, k) for k in modes if k != AUTO and k}
-        if costs:
-            echo("draft step cost c (vs one target step): " + ", ".join(f"k={k}: {c:.3f}" for k, c in costs.items()))
+    costs: Dict[str, float] = {}
+    first = build_prompt(tokenizer, prompts[0]["prompt"])
+    for mode in modes[1:]:
+        drafter = models[mode.drafter].drafter
+        if mode.k != AUTO and drafter is not None:
+            costs[mode.key] = draft_step_cost(model.target, drafter, first, mode.k)
+    if costs:
+        echo("draft step cost c (vs one target step): " + ", ".join(f"{key}: {c:.3f}" for key, c in costs.items()))
 
     mismatches = []
     report: Dict[str, Any] = {"backend": backend_description(), "model": str(model.path), "temp": temp,
                               "max_tokens": max_tokens, "modes": {}, "lossless_mismatches": mismatches}
-    for context in contexts:
-        prefix = long_prefix(tokenizer, prompts, context) + "\n\n" if context else ""
-        summaries = {k: ModeSummary(k) for k in modes}
+
+    def run_suite(items: List[Dict[str, str]], prefix: str, context: int) -> Dict[str, Any]:
+        summaries = {0 if m.k == 0 else m.key: ModeSummary(m.k, drafter=m.drafter) for m in modes}
         echo("")
-        for item in prompts:
+        for item in items:
             baseline = None
-            for k in modes:
-                run = generate(prefix + item["prompt"], k, max_tokens)
+            for summary in summaries.values():
+                run = generate(prefix + item["prompt"], summary, max_tokens)
                 run.category, run.context = item["category"], context
-                summaries[k].runs.append(run)
+                summary.runs.append(run)
                 s = run.stats
                 echo(
                     f"{item['category']:<18} " + (f"ctx={context:<6} " if context else "")
-                    + f"k={str(k):<4} pred={s['generated_tokens']:<4} draft={s['draft_tokens']:<4} "
+                    + f"{_label(summary):<8} pred={s['generated_tokens']:<4} draft={s['draft_tokens']:<4} "
                     f"acc={s['accepted_tokens']:<4} rate={s['acceptance_rate']:.3f} "
                     f"tok/pass={s['tokens_per_pass']:.2f} tok/s={s['decode_tokens_per_s']:.1f} "
                     f"prefill={s['prefill_tokens_per_s']:.0f} tok/s"
                 )
-                if k == 0:
+                if summary.k == 0:
                     baseline = run
                 elif check_lossless and run.tokens != baseline.tokens:
-                    mismatches.append((item["category"], k, context))
-                    echo(f"!!! LOSSLESS CHECK FAILED: {item['category']} k={k} ctx={context} differs from the baseline")
+                    mismatches.append((item["category"], summary.key, context))
+                    echo(f"!!! LOSSLESS CHECK FAILED: {item['category']} {_label(summary)} ctx={context} "
+                         "differs from the baseline")
         echo("" if not context else f"\n-- context {context} tokens")
-        summary = _summarize(summaries, costs, echo)
+        return _summarize(summaries, costs, echo)
+
+    for context in contexts:
+        prefix = long_prefix(tokenizer, prompts, context) + "\n\n" if context else ""
+        summary = run_suite(prompts, prefix, context)
         report.setdefault("contexts", {})[str(context)] = {"modes": summary}
         if context == contexts[0]:
             report["modes"] = summary
@@ -290,6 +357,15 @@ def run_bench(
         if verdict:
             echo(verdict)
             report["contexts"][str(context)]["auto_verdict"] = verdict
+        if drafters:
+            for line in drafter_table(summary):
+                echo(line)
+    if lookup_prompts:
+        echo("\n-- lookup categories (reported apart from the standard table): "
+             + ", ".join(sorted({p["category"] for p in lookup_prompts})))
+        report["lookup"] = {"modes": run_suite(lookup_prompts, "", 0)}
+        for line in drafter_table(report["lookup"]["modes"]):
+            echo(line)
     if mismatches:
         echo(f"!!! LOSSLESS CHECK FAILED for {len(mismatches)} prompt/mode pairs: {mismatches}")
     elif check_lossless:

@@ -20,14 +20,17 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from .api import GenerationResponse, SpeculativeModel, load, resolve_model, stream_generate
+from .defaults import CHAT_MAX_TOKENS
 from .engine import ContextLengthError, PromptCache, Stats
 from .options import GenerationOptions
 from .sampling import SamplingParams
+from .templates import apply_template
 
 FORMAT = "mlx-mtp-chat"
-#: What a chat generates with unless told otherwise (as `mlx-mtp chat`):
-#: answers may be long.
-CHAT_OPTIONS = GenerationOptions(max_tokens=2048)
+#: What a chat generates with unless told otherwise: answers may be long
+#: (`mlx-mtp chat`'s -n default). Greedy, as the rest of the library; the
+#: `chat` command adds the readable sampling of defaults.py.
+CHAT_OPTIONS = GenerationOptions(max_tokens=CHAT_MAX_TOKENS)
 # Contents the template renders verbatim, used to find where the assistant's
 # text ends and the next user turn begins.
 _USER_SENTINEL = "MLXMTPUSERSENTINEL"
@@ -54,6 +57,11 @@ class TurnResult:
     prompt_tokens: int = 0
 
 
+#: Roles a conversation's messages may have (the system message is kept
+#: apart, as `ChatSession.system`).
+ROLES = ("user", "assistant", "system", "tool")
+
+
 @dataclass
 class Message:
     role: str
@@ -62,9 +70,31 @@ class Message:
     # for loaded conversations).
     from_draft: List[bool] = field(default_factory=list)
     tokens: List[int] = field(default_factory=list)
+    #: the chat message's other keys, handed to the template as they are:
+    #: an assistant's "tool_calls", a tool result's "tool_call_id" / "name"
+    extra: Dict[str, Any] = field(default_factory=dict)
 
-    def as_chat(self) -> Dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def as_chat(self) -> Dict[str, Any]:
+        return {"role": self.role, "content": self.content, **self.extra}
+
+    @classmethod
+    def from_chat(cls, message: Any, where: str = "message") -> "Message":
+        """A `Message` from a chat-API message dict: {"role", "content"},
+        a "tool" result, or an assistant turn with "tool_calls" (whose
+        content may be null). ValueError saying what is wrong otherwise."""
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ValueError(f"{where} is not a {{\"role\", \"content\"}} object with a role in {', '.join(ROLES)}")
+        role, content = message["role"], message.get("content")
+        extra = {k: v for k, v in message.items() if k not in ("role", "content")}
+        calls = extra.get("tool_calls")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list)
+                                  or not all(isinstance(c, dict) for c in calls)):
+            raise ValueError(f"{where}: \"tool_calls\" must be a list of objects on an assistant message")
+        if content is None and calls:  # a pure tool call, as chat APIs send it
+            content = ""
+        if not isinstance(content, str):
+            raise ValueError(f"{where} has no text \"content\"")
+        return cls(role, content, extra=extra)
 
 
 def split_thinking(text: str, opens_thinking: bool) -> Tuple[str, str]:
@@ -254,7 +284,9 @@ class ChatSession:
     @property
     def context_used(self) -> int:
         if self.tokens is not None:
-            return len(self.tokens)
+            # An answer that runs into the limit ends with one token sampled
+            # after the last position, never fed back: it takes no context.
+            return min(len(self.tokens), self.context_limit)
         return len(self.render(self.messages, generation_prompt=False)) if self.messages else 0
 
     @property
@@ -262,10 +294,7 @@ class ChatSession:
         """Whether the generation prompt opens a think block itself (Qwen-style
         templates end it with "<think>"), with the current settings."""
         try:
-            tail = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False,
-                **self._template_extra(),
-            )
+            tail = self._apply([{"role": "user", "content": "x"}], generation_prompt=True)
         except Exception:  # a template that cannot render this: no think block
             return False
         return tail.rstrip().endswith("<think>")
@@ -279,8 +308,12 @@ class ChatSession:
 
     # -- prompts ----------------------------------------------------------
 
-    def _template_extra(self) -> Dict[str, Any]:
-        return {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+    def _apply(self, chat: List[Dict[str, Any]], generation_prompt: bool) -> str:
+        """`chat` through the template with this session's template settings
+        (thinking, tools, template arguments), as every front end renders."""
+        o = self.options
+        return apply_template(self.tokenizer, chat, add_generation_prompt=generation_prompt,
+                              enable_thinking=o.enable_thinking, tools=o.tools, template_kwargs=o.chat_template_kwargs)
 
     def render(self, messages: List[Message], generation_prompt: bool) -> List[int]:
         """Token ids of the system message and `messages` through the chat
@@ -288,61 +321,72 @@ class ChatSession:
         chat = ([{"role": "system", "content": self.system}] if self.system else []) + [
             m.as_chat() for m in messages
         ]
-        text = self.tokenizer.apply_chat_template(
-            chat, add_generation_prompt=generation_prompt, tokenize=False, **self._template_extra()
-        )
+        text = self._apply(chat, generation_prompt)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def turn_suffix(self, text: str) -> Optional[List[int]]:
-        """Tokens that close the previous assistant turn and open a new user
-        turn with `text` plus the generation prompt: the template's output
-        after an assistant message, found with sentinel contents. None when
-        the template does not render the sentinel verbatim."""
+    def turn_suffix(self, text: Union[str, Message]) -> Optional[List[int]]:
+        """Tokens that close the previous assistant turn and open a new turn
+        (user text, or a `Message` such as a tool result) plus the generation
+        prompt: the template's output after an assistant message, found with
+        sentinel contents. None when the template does not render the
+        sentinel verbatim."""
+        new = text if isinstance(text, Message) else Message("user", text)
         chat = ([{"role": "system", "content": self.system}] if self.system else []) + [
             {"role": "user", "content": _USER_SENTINEL},
             {"role": "assistant", "content": _ASSISTANT_SENTINEL},
-            {"role": "user", "content": text},
+            new.as_chat(),
         ]
-        rendered = self.tokenizer.apply_chat_template(
-            chat, add_generation_prompt=True, tokenize=False, **self._template_extra()
-        )
+        rendered = self._apply(chat, generation_prompt=True)
         i = rendered.find(_ASSISTANT_SENTINEL)
         if i < 0:
             return None
         return list(self.tokenizer.encode(rendered[i + len(_ASSISTANT_SENTINEL):], add_special_tokens=False))
 
-    def prompt_for(self, text: str) -> List[int]:
-        """The token prompt for a new user message `text`."""
-        if self.tokens and self.messages:
-            suffix = self.turn_suffix(text)
+    def prompt_for(self, text: Union[str, Message]) -> List[int]:
+        """The token prompt for a new user message `text` (or a `Message`)."""
+        new = text if isinstance(text, Message) else Message("user", text)
+        # Only after an assistant turn do the cached tokens end where the
+        # template's text after an assistant message begins.
+        if self.tokens and self.messages and self.messages[-1].role == "assistant":
+            suffix = self.turn_suffix(new)
             if suffix is not None:
                 # The generated tokens stay as they were; the EOS that ended
                 # the answer was never cached, the template's closing
                 # (in the suffix) takes its place.
                 return self.tokens + suffix
-        return self.render(self.messages + [Message("user", text)], generation_prompt=True)
+        return self.render(self.messages + [new], generation_prompt=True)
 
     # -- generation -------------------------------------------------------
 
     def cancel(self) -> None:
-        """Stop the generation in progress after its current cycle."""
+        """Stop the generation in progress after its current cycle, or, while
+        a long prompt pre-fills, after its current chunk."""
         self._cancel.set()
 
-    def stream(self, text: str) -> Iterator[GenerationResponse]:
-        """Send `text` and yield the answer as it is generated.
+    def stream(self, text: Union[str, Dict[str, Any]]) -> Iterator[GenerationResponse]:
+        """Send `text` (a user message, or a chat message dict such as
+        {"role": "tool", "content": ...} with a tool's result) and yield the
+        answer as it is generated.
 
         The turn is recorded when the generator ends, is closed or is
         cancelled: the partial answer is kept and the session stays usable.
         Raises ContextFullError (before recording anything) when the prompt
         does not fit."""
         self._cancel.clear()
-        prompt = self.prompt_for(text)
+        message = Message("user", text) if isinstance(text, str) else Message.from_chat(text)
+        if message.role not in ("user", "tool"):
+            raise ValueError(f"a turn answers a user or tool message, not {message.role!r}")
+        prompt = self.prompt_for(message)
         limit = self.context_limit
         if len(prompt) >= limit:
             raise ContextFullError(
                 f"the context is full ({len(prompt)} of {limit} tokens with this message): /clear to start over"
             )
-        responses = stream_generate(self.model, self.tokenizer, prompt, self.options, prompt_cache=self.prompt_cache)
+        # `cancelled` lets a stop act between prefill chunks too, before the
+        # first token; what was pre-filled then stays cached, a prefix of
+        # the recorded turn (its message with an empty answer).
+        responses = stream_generate(self.model, self.tokenizer, prompt, self.options, prompt_cache=self.prompt_cache,
+                                    cancelled=self._cancel.is_set)
         pieces: List[str] = []
         tokens: List[int] = []
         flags: List[bool] = []
@@ -372,10 +416,10 @@ class ChatSession:
             responses.close()
             if self._cancel.is_set() and finish not in ("stop", "length", "context"):
                 finish = "cancelled"
-            self._record(text, prompt, "".join(pieces), tokens, flags, stats, finish, failed)
+            self._record(message, prompt, "".join(pieces), tokens, flags, stats, finish, failed)
 
     def send(
-        self, text: str, on_response: Optional[Callable[[GenerationResponse], None]] = None
+        self, text: Union[str, Dict[str, Any]], on_response: Optional[Callable[[GenerationResponse], None]] = None
     ) -> TurnResult:
         """Send `text`, run the turn to its end (or until `cancel`) and return it."""
         for r in self.stream(text):
@@ -384,13 +428,13 @@ class ChatSession:
         assert self.last is not None
         return self.last
 
-    def _record(self, text, prompt, answer, tokens, flags, stats, finish, failed) -> None:
+    def _record(self, message, prompt, answer, tokens, flags, stats, finish, failed) -> None:
         if stats is None and failed:
             # Nothing came out (an error before or during the pre-fill): the
             # conversation is unchanged, but the cache may be half-written.
             self.prompt_cache.clear()
             return
-        self.messages.append(Message("user", text))
+        self.messages.append(message)
         self.messages.append(Message("assistant", answer, list(flags), list(tokens)))
         self.tokens = list(prompt) + list(tokens)
         cached = self.prompt_cache.tokens
@@ -420,6 +464,9 @@ class ChatSession:
             "settings": {
                 "num_draft": self.num_draft, "temp": self.temp, "top_p": self.top_p, "top_k": self.top_k,
                 "min_p": self.min_p, "enable_thinking": self.enable_thinking, "max_tokens": self.max_tokens,
+                # They shape the prompt, so the saved tokens were made with them.
+                "tools": list(self.options.tools) if self.options.tools else None,
+                "chat_template_kwargs": dict(self.options.chat_template_kwargs),
             },
             # Plain {"role", "content"} messages, as chat APIs use them.
             "messages": [m.as_chat() for m in self.messages],
@@ -437,7 +484,8 @@ class ChatSession:
 
     def load(self, path: Union[str, Path]) -> None:
         """Replace the conversation with one saved by `save` (or any JSON
-        object with a "messages" list of {"role", "content"}, or such a list)."""
+        object with a "messages" list of chat messages, or such a list):
+        {"role", "content"}, "tool" results and assistant "tool_calls"."""
         data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
         if isinstance(data, list):
             data = {"messages": data}
@@ -447,15 +495,13 @@ class ChatSession:
         messages: List[Message] = []
         flags_list = data.get("from_draft") or []
         for i, m in enumerate(data["messages"]):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                "user", "assistant", "system"
-            ):
-                raise ValueError(f"{path}: message {i} is not a {{\"role\", \"content\"}} object")
-            if m["role"] == "system":
-                system = m["content"]
+            message = Message.from_chat(m, f"{path}: message {i}")
+            if message.role == "system":
+                system = message.content
                 continue
             flags = flags_list[i] if i < len(flags_list) and isinstance(flags_list[i], list) else []
-            messages.append(Message(m["role"], m["content"], [bool(f) for f in flags]))
+            message.from_draft = [bool(f) for f in flags] if message.role == "assistant" else []
+            messages.append(message)
         tokens = data.get("tokens")
         vocab = int(getattr(self.model.target, "vocab_size", 0) or 0) or None
         same_model = data.get("model") is not None and data.get("model") == self.model_id
@@ -463,9 +509,14 @@ class ChatSession:
             isinstance(tokens, list)
             and all(isinstance(t, int) and t >= 0 and (vocab is None or t < vocab) for t in tokens)
         )
-        self.clear()
-        self.options = self.options.replace(system=system or None)
         settings = data.get("settings") or {}
+        template = {k: settings[k] for k in ("tools", "chat_template_kwargs") if k in settings}
+        try:  # checked before anything changes
+            options = self.options.replace(system=system or None, **template)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+        self.clear()
+        self.options = options
         if "enable_thinking" in settings:
             self.enable_thinking = settings["enable_thinking"]
         self.messages = messages

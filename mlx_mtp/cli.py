@@ -5,7 +5,9 @@
 
 Text streams to stdout; a one-line summary (and any notes or warnings) goes
 to stderr. Errors are one `error: ...` line on stderr: exit 2 for bad
-arguments, 1 for everything else, 130 on Ctrl-C.
+arguments (an empty or whitespace-only prompt is one), 1 for everything
+else, 130 on Ctrl-C (start-up included: the package imports MLX lazily, so
+this module runs its handling first).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import click
 
+from . import defaults
 from .report import cli_words, format_stats
 
 if TYPE_CHECKING:  # the real import waits for a command to run: it loads MLX
@@ -96,15 +99,13 @@ class _DrafterArg(click.ParamType):
     name = "drafter"
 
     def convert(self, value, param, ctx):
-        import re
-        from pathlib import Path
+        from .loading.assistant import drafter_problem  # the one check every front end uses
 
         value = str(value)
-        if value in ("auto", "none", "mtp") or Path(value).expanduser().exists():
-            return value
-        if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", value):
-            return value
-        self.fail(f"{value!r} is not auto, none, mtp, a drafter directory or a repo id", param, ctx)
+        problem = drafter_problem(value)
+        if problem:
+            self.fail(problem, param, ctx)
+        return value
 
 
 class _DraftLength(click.ParamType):
@@ -128,39 +129,109 @@ class _DraftLength(click.ParamType):
         return k
 
 
+def _tools_file(ctx, param, value: Optional[str]) -> Optional[List[Dict[str, Any]]]:
+    """--tools FILE.json: the list of tool schemas in it (a one-line usage
+    error when the file is missing or holds something else)."""
+    from .templates import load_tools
+
+    if value is None:
+        return None
+    try:
+        return load_tools(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _template_args(ctx, param, values: tuple) -> Dict[str, Any]:
+    """--template-arg KEY=VALUE (repeatable) as one dict; VALUE is JSON
+    when it parses as JSON, else the string."""
+    from .templates import parse_template_arg
+
+    args: Dict[str, Any] = {}
+    for text in values:
+        try:
+            key, value = parse_template_arg(text)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+        args[key] = value
+    return args
+
+
+def template_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Declare --tools and --template-arg on a command (generate and chat
+    take them alike)."""
+    command = click.option(
+        "--template-arg", "chat_template_kwargs", multiple=True, callback=_template_args, metavar="KEY=VALUE",
+        help="Pass KEY to the chat template (repeatable), e.g. reasoning_effort=high or "
+             "preserve_thinking=true; VALUE is read as JSON when it parses, else as text.")(command)
+    return click.option(
+        "--tools", "tools", default=None, callback=_tools_file, metavar="FILE.json",
+        help="Declare these tools to the chat template: a JSON list of function schemas.")(command)
+
+
 _K_HELP = ("Tokens drafted per cycle: auto (default) picks 0..6 each cycle from measured acceptance and speed, "
            "never slower than plain decoding; N drafts exactly N; 0 is plain decoding.")
+
+
+def _seed_range(ctx, param, value: Optional[int]) -> Optional[int]:
+    """--seed in 0..2**64-1, the seeds MLX takes (the API reduces others)."""
+    if value is None:
+        return None
+    from .engine import SEED_MODULUS  # imported here: it loads MLX
+
+    if not 0 <= value < SEED_MODULUS:
+        raise click.BadParameter(f"{value} is not in the range 0..2**64-1")
+    return value
 
 
 def sampling_options(
     temp_help: str = "Sampling temperature (0: greedy).",
     seed_default: Optional[int] = None,
     seed_help: Optional[str] = "Random seed for sampling.",
+    readable: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Declare --temp, --top-p, --top-k, --min-p and --seed on a command and
-    hand it one `options: GenerationOptions` (sampling and seed set) in their
-    place. The commands differ only in the --temp / --seed wording and bench's
-    fixed default seed, so those are the parameters."""
+    """Declare --temp, --top-p, --top-k, --min-p, the penalties and --seed on
+    a command and hand it one `options: GenerationOptions` (sampling and seed
+    set) in their place. The commands differ only in the --temp / --seed
+    wording, bench's fixed default seed and whether the defaults are greedy
+    (bench: exact, checkable output) or `readable` (generate and chat: the
+    sampling in defaults.py, which keeps a small model out of loops)."""
+    temp, top_p, penalty = (defaults.TEMP, defaults.TOP_P, defaults.REPETITION_PENALTY) if readable else (0.0, 1.0, 1.0)
+    lo, hi = defaults.ADDITIVE_PENALTY_RANGE
     flags = [
-        click.option("--temp", type=_Finite(lo=0.0), default=0.0, show_default=True, help=temp_help),
-        click.option("--top-p", type=_Finite(lo=0.0, hi=1.0, lo_open=True), default=1.0, show_default=True,
+        click.option("--temp", type=_Finite(lo=0.0), default=temp, show_default=True, help=temp_help),
+        click.option("--top-p", type=_Finite(lo=0.0, hi=1.0, lo_open=True), default=top_p, show_default=True,
                      help="Nucleus sampling mass, 0 < p <= 1."),
         click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Keep the k most likely tokens (0: all)."),
         click.option("--min-p", type=_Finite(lo=0.0, hi=1.0), default=0.0, show_default=True,
                      help="Drop tokens below min-p times the top probability."),
+        click.option("--repetition-penalty", type=_Finite(lo=0.0, lo_open=True), default=penalty,
+                     show_default=True, help="Penalise recent tokens: positive logits / P, negative ones * P (mlx-lm's rule; 1: off)."),
+        click.option("--repetition-context-size", type=click.IntRange(min=1),
+                     default=defaults.REPETITION_CONTEXT_SIZE, show_default=True,
+                     help="How many of the newest tokens, prompt included, the penalties look at."),
+        click.option("--presence-penalty", type=_Finite(lo=lo, hi=hi), default=0.0, show_default=True,
+                     help=f"Subtract this from the logit of every recent token ({lo:g}..{hi:g}, as OpenAI's)."),
+        click.option("--frequency-penalty", type=_Finite(lo=lo, hi=hi), default=0.0, show_default=True,
+                     help=f"Subtract this per recent occurrence of a token ({lo:g}..{hi:g}, as OpenAI's)."),
         click.option("--seed", type=int, default=seed_default, show_default=seed_default is not None,
-                     help=seed_help),
+                     callback=_seed_range, help=seed_help),
     ]
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
         def with_options(*args: Any, temp: float, top_p: float, top_k: int, min_p: float,
-                         seed: Optional[int], **kwargs: Any) -> Any:
+                         repetition_penalty: float, repetition_context_size: int, presence_penalty: float,
+                         frequency_penalty: float, seed: Optional[int], **kwargs: Any) -> Any:
             # Imported here: the options pull in MLX, and `--help` stays fast without it.
             from .options import GenerationOptions
 
-            options = GenerationOptions.make(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+            options = GenerationOptions.make(
+                temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+                repetition_context_size=repetition_context_size, presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty, seed=seed,
+            )
             return command(*args, options=options, **kwargs)
 
         # Applied innermost first, as stacked @click.option lines would be, so
@@ -183,17 +254,21 @@ def main() -> None:
 @click.option("-m", "--model", "model_path", default=None, metavar="PATH_OR_REPO",
               help="Local model directory, Hugging Face repo id, or a bundled demo "
                    "(demo-qwen, demo-gemma, tiny-qwen35). Default: the bundled demo.")
-@click.option("--drafter", type=_DrafterArg(), default="auto", show_default=True, metavar="auto|none|mtp|PATH_OR_REPO",
+@click.option("--drafter", type=_DrafterArg(), default="auto", show_default=True,
+              metavar="auto|none|mtp|ngram|mtp+ngram|assistant+ngram|PATH_OR_REPO[+ngram]",
               help="auto: the MTP head when there is one, else plain decoding; mtp: require it; none: plain "
-                   "decoding; a directory, repo id or .gguf file: a separate drafter model (Gemma 4 assistant).")
+                   "decoding; a directory, repo id or .gguf file: a separate drafter model (Gemma 4 assistant); "
+                   "ngram: prompt lookup (any mlx-lm model); X+ngram: prompt lookup where the text repeats, "
+                   "else X (assistant: the model's bundled one).")
 @click.option("-k", "--num-draft", type=_DraftLength(), default=None, metavar="auto|N", help=_K_HELP)
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Most tokens to generate.")
-@sampling_options()
+@sampling_options(readable=True)
 @click.option("--system", default=None, help="System message.")
 @click.option("--no-chat-template", is_flag=True, help="Use the prompt as raw text.")
 @click.option("--thinking/--no-thinking", "enable_thinking", default=None,
               help="Turn the chat template's thinking mode on or off (default: the template's).")
+@template_options
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (text, tokens, stats, per-cycle trace) instead of streaming.")
@@ -209,6 +284,8 @@ def generate(
     system: Optional[str],
     no_chat_template: bool,
     enable_thinking: Optional[bool],
+    tools: Optional[List[Dict[str, Any]]],
+    chat_template_kwargs: Dict[str, Any],
     stop: tuple,
     as_json: bool,
     max_context: Optional[int],
@@ -218,7 +295,8 @@ def generate(
     model_path = model_path or _default_model()
     options = options.replace(
         num_draft=num_draft, max_tokens=max_tokens, system=system, chat_template=not no_chat_template,
-        enable_thinking=enable_thinking, stop=stop, max_context=max_context,
+        enable_thinking=enable_thinking, tools=tools, chat_template_kwargs=chat_template_kwargs, stop=stop,
+        max_context=max_context,
     )
     try:
         _generate(prompt, model_path, drafter, options, as_json)
@@ -234,24 +312,45 @@ def _default_model() -> str:
 
 
 def _read_prompt(prompt: Optional[str]) -> str:
+    """PROMPT, or stdin for '-' / no PROMPT. Bytes that are not UTF-8 become
+    U+FFFD with one warning; an empty or blank prompt is a usage error."""
     if prompt is None or prompt == "-":
         stdin = sys.stdin
         if stdin is None or (prompt is None and stdin.isatty()):
             raise click.UsageError("no prompt: pass PROMPT, or '-' / a pipe to read it from stdin")
-        prompt = stdin.read()
-        if prompt.endswith("\n"):  # `echo` adds one
-            prompt = prompt[:-1]
-        if not prompt:
+        # Bytes, so that invalid UTF-8 is ours to handle whatever the locale.
+        raw = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8", "surrogateescape")
+        if raw.endswith(b"\n"):  # `echo` adds one
+            raw = raw[:-1]
+        if not raw:
             raise click.UsageError("no prompt: stdin was empty")
+    else:
+        # Python hands argv bytes that are not UTF-8 over as lone surrogates.
+        raw = prompt.encode("utf-8", "surrogateescape")
+    prompt = _decode_prompt(raw)
+    if not prompt.strip():
+        raise click.UsageError("the prompt is empty or only whitespace")
     return prompt
 
 
+def _decode_prompt(raw: bytes) -> str:
+    """UTF-8 text; invalid bytes are replaced by U+FFFD and one warning says so."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", "replace")
+        bad = text.count("\ufffd") - raw.decode("utf-8", "ignore").count("\ufffd")
+        click.echo(f"warning: the prompt is not valid UTF-8: {bad} invalid byte sequence(s) replaced with U+FFFD",
+                   err=True)
+        return text
+
+
 def _runtime_errors() -> tuple:
-    from .engine import ContextLengthError
+    from .engine import ContextLengthError, CorruptWeightsError
     from .api import DrafterUnavailableError
     from .loading import CheckpointError, ModelNotFoundError
 
-    return (ModelNotFoundError, CheckpointError, DrafterUnavailableError, ContextLengthError)
+    return (ModelNotFoundError, CheckpointError, DrafterUnavailableError, ContextLengthError, CorruptWeightsError)
 
 
 def _generate(prompt: str, model_path: str, drafter: str, options: GenerationOptions, as_json: bool) -> None:
@@ -271,6 +370,7 @@ def _generate(prompt: str, model_path: str, drafter: str, options: GenerationOpt
     _show_notes(model)
     if model.drafter is not None and num_draft == 0:
         _note("drafting disabled (-k 0); plain decoding")
+    _warn_deep_drafts(model, [num_draft])
 
     out = sys.stdout
     text: List[str] = []
@@ -348,6 +448,20 @@ def _show_notes(model: Any) -> None:
         _note(model.drafter.note)
 
 
+def _warn_deep_drafts(model: Any, num_drafts: List[Any]) -> None:
+    """One warning when a fixed -k drafts deeper than the drafter can use
+    (it still runs as asked: -k is the user's to choose)."""
+    from .engine import useful_draft_length
+
+    deepest = max((k for k in num_drafts if isinstance(k, int)), default=0)
+    if model.drafter is None or deepest <= useful_draft_length(model.drafter):
+        return
+    most = useful_draft_length(model.drafter)
+    click.echo(f"warning: -k {deepest} drafts deeper than the {model.drafter.name} drafter can use: drafts past "
+               f"depth {most} are almost never accepted but each costs a draft step (-k auto stays within 0..{most})",
+               err=True)
+
+
 def _end_stream(as_json: bool, text: List[str]) -> None:
     """End streamed text with a newline so the stats line starts on its own."""
     if as_json:
@@ -391,6 +505,18 @@ def _draft_lengths(ctx, param, value: str) -> List[Any]:
     return ks + (["auto"] if "auto" in words else [])
 
 
+def _drafter_list(ctx, param, value: Optional[str]) -> List[str]:
+    """--drafter mtp,ngram,mtp+ngram for bench: each checked as generate checks one."""
+    from .loading.assistant import drafter_problem
+
+    words = [x.strip() for x in (value or "").split(",") if x.strip()]
+    for word in words:
+        problem = drafter_problem(word)
+        if problem:
+            raise click.BadParameter(problem)
+    return words
+
+
 def _context_lengths(ctx, param, value: Optional[str]) -> List[int]:
     if not value:
         return [0]
@@ -415,12 +541,19 @@ def _context_lengths(ctx, param, value: Optional[str]) -> List[int]:
                   seed_help=None)
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON lines with a \"prompt\" (and \"category\") per line. Default: the bundled suite.")
+@click.option("--drafter", "drafters", default=None, callback=_drafter_list, metavar="D1,D2,...",
+              help="Compare these drafters at each draft length, e.g. mtp,ngram,mtp+ngram (as for generate). "
+                   "Default: the model's own (auto).")
+@click.option("--lookup/--no-lookup", "lookup", default=None,
+              help="Also run the categories where prompt lookup matters (code_edit, doc_qa, json_reformat), "
+                   "reported apart from the standard table. Default: on with the bundled suite, off with --prompts.")
 @click.option("--json-out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write every figure to this JSON file.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Save a PNG of tok/s and speedup per category and mode (needs matplotlib).")
 def bench(models: tuple, num_drafts: List[Any], contexts: List[int], max_tokens: int, options: GenerationOptions,
-          prompts_file: Optional[str], json_out: Optional[str], plot_file: Optional[str]) -> None:
+          prompts_file: Optional[str], drafters: List[str], lookup: Optional[bool], json_out: Optional[str],
+          plot_file: Optional[str]) -> None:
     """Compare plain decoding with drafting, prompt by prompt."""
     from . import bench as bench_mod
     from .defaults import DEFAULT_MODEL_ORDER, demo_model_path
@@ -430,8 +563,17 @@ def bench(models: tuple, num_drafts: List[Any], contexts: List[int], max_tokens:
             import matplotlib  # noqa: F401
         except ImportError:
             _fail(RuntimeError("--plot needs matplotlib: pip install 'mlx-mtp[plot]'"))
+    from .engine import EmptyPromptError
+
     try:
         prompts = bench_mod.load_prompts(prompts_file)
+        lookup_prompts = None
+        if lookup or (lookup is None and prompts_file is None):
+            from .defaults import lookup_prompt_suite
+
+            lookup_prompts = bench_mod.load_prompts(lookup_prompt_suite())
+    except EmptyPromptError as e:  # as for generate: an empty prompt is a usage error
+        raise click.BadParameter(str(e), param_hint="'--prompts'") from None
     except (OSError, ValueError) as e:
         _fail(e)
     if not models:
@@ -441,9 +583,11 @@ def bench(models: tuple, num_drafts: List[Any], contexts: List[int], max_tokens:
     for model_path in models:
         model, tokenizer = _load_or_fail(model_path, "auto")
         _show_notes(model)
+        _warn_deep_drafts(model, num_drafts)
         try:
             report = bench_mod.run_bench(model, tokenizer, num_drafts=num_drafts, prompts=prompts, contexts=contexts,
-                                         options=options.replace(max_tokens=max_tokens), echo=click.echo)
+                                         options=options.replace(max_tokens=max_tokens), echo=click.echo,
+                                         drafters=drafters, lookup_prompts=lookup_prompts)
         except ValueError as e:
             _fail(e)
         failed |= bool(report["lossless_mismatches"])
@@ -472,6 +616,12 @@ def _load_or_fail(model_path: str, drafter: str) -> tuple:
         _fail(e, prefix=f"cannot load {model_path}: ")
 
 
+def _has_terminal() -> bool:
+    """Whether stdin and stdout are a TTY: a full-screen app without one
+    would wait for keys that never come."""
+    return bool(sys.stdin and sys.stdout and sys.stdin.isatty() and sys.stdout.isatty())
+
+
 @main.command()
 @click.option("-m", "--model", "model_path", default=None, metavar="PATH_OR_REPO",
               help="Local model directory, .gguf file or Hugging Face repo id. Default: the bundled demo model.")
@@ -480,26 +630,33 @@ def _load_or_fail(model_path: str, drafter: str) -> tuple:
                    "or a separate drafter model.")
 @click.option("-k", "--num-draft", type=_DraftLength(most=16), default=None, metavar="auto|N",
               help=_K_HELP + " /draft auto|N changes it.")
-@sampling_options(temp_help="Sampling temperature (0: greedy). /temp T changes it.")
+@sampling_options(temp_help="Sampling temperature (0: greedy). /temp T changes it.", readable=True)
 @click.option("--system", default=None, help="System message. /system TEXT changes it.")
 @click.option("--thinking/--no-thinking", "enable_thinking", default=None,
               help="The chat template's thinking mode (default: the template's). /think on|off changes it.")
-@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+@template_options
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=defaults.CHAT_MAX_TOKENS, show_default=True,
               help="Most tokens per answer.")
 @click.option("--markdown", is_flag=True, help="Start in the Markdown view instead of the draft view (F2 toggles).")
 @click.option("--max-context", type=click.IntRange(min=2), default=None, hidden=True,
               help="Override the model's context length.")
 def chat(model_path: Optional[str], drafter: str, num_draft: Optional[int], options: GenerationOptions,
-         system: Optional[str], enable_thinking: Optional[bool], max_tokens: int, markdown: bool,
-         max_context: Optional[int]) -> None:
+         system: Optional[str], enable_thinking: Optional[bool], tools: Optional[List[Dict[str, Any]]],
+         chat_template_kwargs: Dict[str, Any], max_tokens: int, markdown: bool, max_context: Optional[int]) -> None:
     """Chat in the terminal, with drafted tokens shown as they are accepted."""
+    if not _has_terminal():
+        _fail(RuntimeError("chat needs a terminal (stdin and stdout are not both a TTY); "
+                           "use mlx-mtp generate for pipes and scripts"))
     try:
         from .apps.chat.app import run
     except ImportError as e:  # textual missing
         _fail(e, prefix="the chat app cannot start: ")
-    options = options.replace(num_draft=num_draft, system=system, enable_thinking=enable_thinking,
-                              max_tokens=max_tokens, max_context=max_context)
-    run(model_path, options, drafter=drafter, show_drafts=not markdown)
+    options = options.replace(num_draft=num_draft, system=system, enable_thinking=enable_thinking, tools=tools,
+                              chat_template_kwargs=chat_template_kwargs, max_tokens=max_tokens,
+                              max_context=max_context)
+    load_error = run(model_path, options, drafter=drafter, show_drafts=not markdown)
+    if load_error is not None:  # it was shown in the app; the exit status says so too
+        _fail(RuntimeError(load_error), prefix="could not load the model: ")
 
 
 @main.command()
@@ -534,6 +691,44 @@ def tune(model_path: Optional[str], drafter: str, repeats: int, as_json: bool) -
     for n, seconds in sorted(costs.verify.items()):
         click.echo(f"  {n:>2} tokens  {1000 * seconds:8.2f} ms  {seconds / one:5.2f}x")
     click.echo(f"saved to {calibration_path()}", err=True)
+
+
+@main.command()
+@click.option("-m", "--model", "model_path", default=None, metavar="PATH_OR_REPO",
+              help="Local model directory, .gguf file or Hugging Face repo id. Default: the bundled demo model.")
+@click.option("--drafter", type=_DrafterArg(), default="auto", show_default=True, metavar="auto|none|mtp|PATH",
+              help="As for generate: auto, mtp, none, or a separate drafter model.")
+@click.option("-k", "--num-draft", type=_DraftLength(), default=None, metavar="auto|N", help=_K_HELP)
+@click.option("--host", default=defaults.SERVE_HOST, show_default=True,
+              help="Address to listen on (loopback by default; 0.0.0.0 exposes the server to the network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=defaults.SERVE_PORT, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=defaults.SERVE_MAX_BATCH, show_default=True,
+              help="Requests decoded together, each drafting.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=defaults.SERVE_MAX_QUEUE, show_default=True,
+              help="Requests that may wait for a free row; more get HTTP 429.")
+@click.option("--api-key", default=None, envvar="MLX_MTP_API_KEY", metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/ (also read from MLX_MTP_API_KEY).")
+@click.option("--prompt-cache-gb", type=_Finite(lo=0.0), default=defaults.SERVE_PROMPT_CACHE_GB, show_default=True,
+              help="Memory for cached prompts across requests (LRU).")
+def serve(model_path: Optional[str], drafter: str, num_draft: Any, host: str, port: int, max_batch: int,
+          max_queue: int, api_key: Optional[str], prompt_cache_gb: float) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (docs/serve.md)."""
+    try:
+        from .apps.serve import ServeConfig, run as run_server
+        from .apps.serve.server import address_problem
+    except ImportError as e:  # fastapi / uvicorn missing
+        _fail(e, prefix="the server needs its extra (pip install 'mlx-mtp[serve]'): ")
+    problem = address_problem(host, port)
+    if problem:  # before the model loads, which can take minutes
+        _fail(RuntimeError(problem))
+    model_path = model_path or _default_model()
+    model, tokenizer = _load_or_fail(model_path, drafter)
+    _show_notes(model)
+    if host not in defaults.LOOPBACK_HOSTS and not api_key:
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
+    run_server(model, tokenizer, ServeConfig(model_name=model_path, host=host, port=port, max_batch=max_batch,
+                                             max_queue=max_queue, num_draft=num_draft, api_key=api_key,
+                                             prompt_cache_gb=prompt_cache_gb))
 
 
 # --- checkpoints: convert / graft / inspect (issue #4) -------------------------
@@ -575,7 +770,10 @@ def convert(src: str, out: str, bits: Optional[int], group_size: Optional[str], 
         _fail(e)
     text = config.get("text_config", config)
     heads = int(text.get("mtp_num_hidden_layers", 0) or 0)
-    click.echo(f"wrote {out} ({config.get('model_type')}, MTP head: {heads} layer(s))", err=True)
+    from .loading.assistant import bundled_assistant
+
+    bundled = ", assistant/ drafter copied as it is" if bundled_assistant(out) else ""
+    click.echo(f"wrote {out} ({config.get('model_type')}, MTP head: {heads} layer(s){bundled})", err=True)
 
 
 @main.command()
@@ -606,14 +804,17 @@ def graft(src: str, into: str, bits: Optional[int], group_size: Optional[str], m
 
 @main.command(name="inspect")
 @click.argument("path", metavar="PATH")
-@click.option("--drafter", default=None, metavar="auto|none|mtp|PATH", help="Check compatibility with this drafter.")
+@click.option("--drafter", type=_DrafterArg(), default=None, metavar="auto|none|mtp|PATH",
+              help="Check compatibility with this drafter.")
+@click.option("--verify", is_flag=True,
+              help="Also read every tensor and refuse NaN / Inf values (reads the whole checkpoint).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect_cmd(path: str, drafter: Optional[str], as_json: bool) -> None:
+def inspect_cmd(path: str, drafter: Optional[str], verify: bool, as_json: bool) -> None:
     """Report a checkpoint's architecture, size, quantization and drafter."""
     from .loading.inspect import format_report, inspect_path
 
     try:
-        report = inspect_path(path, drafter)
+        report = inspect_path(path, drafter, verify=verify)
     except _checkpoint_errors() as e:
         _fail(e)
     if as_json:

@@ -33,6 +33,7 @@ __all__ = [
     "expected_tokens",
     "best_k",
     "DEFAULT_TUNABLES",
+    "SourcePolicies",
 ]
 
 
@@ -199,7 +200,7 @@ DEFAULT_TUNABLES: Dict[str, Any] = {
     "margin": 0.05,
     # Probing while parked: draft length and the cost bound (see class doc).
     "probe_k": 1,
-    "probe_budget": 0.02,
+    "probe_budget": 0.01,
     "probe_min_spacing": 24,
     "probe_max_spacing": 256,
     # While drafting, run one plain cycle every this many cycles to refresh
@@ -248,9 +249,9 @@ class DraftPolicy:
     that take >= S*T(0) plainly.  Hence, under the cost model:
 
         time spent parked <= (1 + probe_budget) * plain-decoding time of
-        the same tokens  (default: at most 2 % slower),
+        the same tokens  (default: at most 1 % slower),
 
-    whenever T(k_p) <= T(0) * (1 + budget * probe_max_spacing) (6.1 plain
+    whenever T(k_p) <= T(0) * (1 + budget * probe_max_spacing) (3.56 plain
     steps by default; beyond that the spacing is capped and the overhead
     is (T(k_p) - T(0)) / (probe_max_spacing * T(0))).  The floor keeps
     probing rare (and the parked fraction >= 1 - 1/24) when probes are
@@ -577,3 +578,71 @@ class DraftPolicy:
             overhead = max(t[self._probe_k] - t[0], 0.0)
             s = math.ceil(overhead / (self._budget * t[0]) - 1e-9)
             self._spacing = min(max(s, self._min_spacing), self._max_spacing)
+
+
+# ---------------------------------------------------------------------------
+# Several draft sources
+
+
+class SourcePolicies:
+    """One draft-length policy per source of a combined drafter: prompt
+    lookup in front of a model drafter (drafters/combined.py).
+
+    Each source is judged on its own cycles: its acceptance per depth and
+    its cycle times (a lookup draft costs no drafter time, so its T(k) is
+    the verify pass alone). Per cycle the engine says whether the lookup has
+    drafts (`select`). The lookup's policy then decides the cycle, unless it
+    is parked: then the model's policy decides it, and the lookup's policy
+    counts a parked cycle, so its probes keep their spacing and a lookup
+    that starts paying is picked up again. Plain cycles cost the same
+    whichever policy chose them, so their times go to both.
+
+    `k_max`, `choose`, `update`, `observe_plain` and `reason` are those of a
+    single policy (the engine drives this one like any other); `choose`,
+    `update` and `reason` act on the source `select` picked.
+    """
+
+    def __init__(self, lookup: Any, model: Any) -> None:
+        self.lookup, self.model = lookup, model
+        self.k_max: int = max(lookup.k_max, model.k_max)
+        self.active = model
+        self._lookup_parked = False  # the lookup had drafts, its policy said 0
+
+    def peek(self, lookup_has_drafts: bool) -> int:
+        """The k the next cycle would draft; changes nothing."""
+        if lookup_has_drafts:
+            k = self.lookup.choose()
+            if k > 0:
+                return k
+        return self.model.choose()
+
+    def select(self, lookup_has_drafts: bool, plain: bool = False) -> bool:
+        """Pick the policy of the next cycle; True when the lookup drafts it.
+        `plain`: the cycle is already a plain step (queued before its input
+        was known): the model's policy owns it, and a lookup that had
+        drafts counts it as parked, so its probe schedule still advances."""
+        uses_lookup = lookup_has_drafts and not plain and self.lookup.choose() > 0
+        self._lookup_parked = lookup_has_drafts and not uses_lookup
+        self.active = self.lookup if uses_lookup else self.model
+        return uses_lookup
+
+    def choose(self) -> int:
+        return self.active.choose()
+
+    def update(self, k: int, accepted: int, seconds: Optional[float]) -> None:
+        self.active.update(k, accepted, seconds)
+        if self._lookup_parked:
+            self.lookup.update(0, 0, None)
+            self._lookup_parked = False
+        if k == 0 and isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0:
+            other = self.model if self.active is self.lookup else self.lookup
+            if hasattr(other, "observe_plain"):
+                other.observe_plain(1, seconds)
+
+    def observe_plain(self, cycles: int, seconds: float) -> None:
+        for policy in (self.lookup, self.model):
+            if hasattr(policy, "observe_plain"):
+                policy.observe_plain(cycles, seconds)
+
+    def reason(self) -> Optional[str]:
+        return self.active.reason()

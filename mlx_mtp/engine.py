@@ -16,15 +16,17 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
 from .drafters.base import Drafter
+from .draft_policy import SourcePolicies
+from .drafters.combined import LookupThenModelDrafter
 from .models.base import Target
 from .models.rollback import rollback, set_recording
 from .options import AUTO, NumDraft
-from .sampling import SamplingParams, accept_greedy, accept_sampled, sample
+from .sampling import SamplingParams, accept_greedy, accept_sampled, penalize, recent_tokens, sample
 
 if TYPE_CHECKING:
     from .draft_policy import StepCosts
@@ -40,10 +42,21 @@ CATCH_UP_BATCH = 64
 #: drafting on, and drafts depend mostly on recent context. Output never
 #: changes; only acceptance right after a long prompt can.
 DRAFTER_PREFILL_WINDOW = 256
+#: mx.random.key takes seeds in 0..2**64-1: any other integer seed is
+#: reduced modulo this (so -1 seeds like 2**64-1).
+SEED_MODULUS = 2**64
 
 
 class ContextLengthError(ValueError):
     pass
+
+
+class EmptyPromptError(ValueError):
+    """The prompt holds nothing to generate from (no tokens, or only whitespace)."""
+
+
+class CorruptWeightsError(RuntimeError):
+    """The target's first logits are not finite: its weights are most likely damaged."""
 
 
 @dataclass
@@ -75,6 +88,8 @@ class Stats:
     k_histogram: Dict[int, int] = field(default_factory=dict)  # draft length -> cycles
     parked_reason: Optional[str] = None  # why "auto" decodes plainly right now
     last_k: int = 0  # the draft length of the newest cycle
+    # per draft source ("mtp", "ngram", ...): cycles it drafted, tokens drafted, accepted
+    sources: Dict[str, Dict[str, int]] = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> float:
@@ -124,10 +139,14 @@ class Stats:
             d[name] = round(getattr(self, name), 4)
         d["acceptance_per_depth"] = [round(a, 4) for a in self.acceptance_per_depth]
         d["k_histogram"] = {str(k): v for k, v in sorted(self.k_histogram.items())}
+        d["sources"] = {
+            name: {**c, "acceptance_rate": round(c["accepted"] / c["drafted"], 4) if c["drafted"] else 0.0}
+            for name, c in self.sources.items()
+        }
         d["peak_memory_gb"] = round(mx.get_peak_memory() / 1e9, 4)
         return d
 
-    def record_cycle(self, k: int, accepted: int) -> None:
+    def record_cycle(self, k: int, accepted: int, source: Optional[str] = None) -> None:
         self.target_passes += 1
         self.host_syncs += 1
         self.draft_tokens += k
@@ -137,6 +156,11 @@ class Stats:
         for j in range(k):
             self.drafted_per_position[j] += 1
             self.accepted_per_position[j] += int(j < accepted)
+        if k and source is not None:
+            counts = self.sources.setdefault(source, {"cycles": 0, "drafted": 0, "accepted": 0})
+            counts["cycles"] += 1
+            counts["drafted"] += k
+            counts["accepted"] += accepted
 
 
 def _cache_arrays(cache: List[Any]) -> List[mx.array]:
@@ -260,7 +284,7 @@ class _PlainClock:
 
 def _validate(prompt: List[int], num_draft: NumDraft, max_tokens: int, ctx: int) -> None:
     if not prompt:
-        raise ValueError("the prompt is empty")
+        raise EmptyPromptError("the prompt is empty")
     if num_draft != AUTO and (not isinstance(num_draft, int) or num_draft < 0):
         raise ValueError(f"num_draft must be an integer >= 0 or {AUTO!r}, got {num_draft!r}")
     if max_tokens < 1:
@@ -269,19 +293,36 @@ def _validate(prompt: List[int], num_draft: NumDraft, max_tokens: int, ctx: int)
         raise ContextLengthError(f"the prompt has {len(prompt)} tokens but the model's context is {ctx} tokens")
 
 
+def useful_draft_length(drafter: Drafter) -> int:
+    """The deepest draft worth making with `drafter`, the most `auto` ever
+    picks. Both kinds draft by feeding their own guesses back (the MTP head
+    is trained one token ahead; the Gemma 4 assistant stays at the round's
+    first position), so acceptance falls with depth and published settings
+    stay at 3..6: deeper fixed drafts cost steps that are almost never kept."""
+    return max(AUTO_MAX_DRAFT, drafter.default_num_draft)
+
+
 def auto_policy(drafter: Drafter, costs: Optional["StepCosts"] = None):
     """A fresh adaptive policy for `drafter`. Keep one per model and pass it
-    to every `decode` call (the API does), so what it learnt carries over."""
-    from .draft_policy import DraftPolicy
+    to every `decode` call (the API does), so what it learnt carries over.
+    Prompt lookup in front of a model drafter gets one policy per source."""
+    from .draft_policy import DraftPolicy, StepCosts
 
-    return DraftPolicy(max(AUTO_MAX_DRAFT, drafter.default_num_draft), costs)
+    if isinstance(drafter, LookupThenModelDrafter):
+        return SourcePolicies(auto_policy(drafter.lookup, costs), auto_policy(drafter.model, costs))
+    if drafter.host_drafts and costs is not None:
+        costs = StepCosts(verify=costs.verify, draft=0.0)  # a lookup costs no drafter time
+    return DraftPolicy(useful_draft_length(drafter), costs)
 
 
 def _make_policy(num_draft: NumDraft, drafter: Optional[Drafter], costs: Optional["StepCosts"]):
-    if drafter is None:
+    if drafter is None or num_draft == 0:
         return _FixedDraftLength(0)
     if num_draft == AUTO:
         return auto_policy(drafter, costs)
+    if isinstance(drafter, LookupThenModelDrafter):
+        # -k N is the model drafter's length; the lookup drafts its own.
+        return SourcePolicies(_FixedDraftLength(drafter.lookup.default_num_draft), _FixedDraftLength(int(num_draft)))
     return _FixedDraftLength(int(num_draft))
 
 
@@ -295,10 +336,14 @@ def _prefill(
     params: SamplingParams,
     key: mx.array,
     step_size: int,
-) -> Tuple[mx.array, mx.array]:
+    cancelled: Optional[Callable[[], bool]] = None,
+) -> Tuple[Optional[mx.array], mx.array, int]:
     """Run prompt[begin:] through the target in chunks (logits only for the
     last position) and let the drafter read the newest positions. Returns
-    (first sampled token, hidden state of the last prompt position)."""
+    (head, hidden state of the newest position run, prompt tokens now in the
+    cache). `head` is the evaluated int32 pair [first sampled token, 1 if
+    its logits were all finite else 0], or None when `cancelled()` turned
+    true between two chunks: the caches then hold prompt[:end] only."""
     tokens = mx.array(prompt, mx.int32)
     # Positions the drafter reads: the newest DRAFTER_PREFILL_WINDOW.
     drafter_from = max(begin, len(prompt) - DRAFTER_PREFILL_WINDOW)
@@ -306,12 +351,16 @@ def _prefill(
         # A gap in what it has seen would skew its positions: start it afresh.
         feed.drafter.reset()
         prev_hidden = None
-    first = hidden = None
+    first = head = hidden = None
     for start in range(begin, len(prompt), step_size):
         end = min(start + step_size, len(prompt))
         hidden = model.hidden(tokens[None, start:end], cache)
         if end == len(prompt):
-            first, _ = sample(model.logits(hidden[:, -1, :])[0], params, key)
+            logits = model.logits(hidden[:, -1, :])[0]
+            first, _ = sample(logits, params, key, recent_tokens(prompt, params))
+            # Read with the token in the same evaluation (no sync of its
+            # own): NaN/Inf weights show up here before any text does.
+            head = mx.stack([first.astype(mx.int32), mx.isfinite(logits).all().astype(mx.int32)])
             next_tokens = mx.concatenate([tokens[start + 1 : end], first[None]])
         else:
             next_tokens = tokens[start + 1 : end + 1]
@@ -323,8 +372,12 @@ def _prefill(
             skip = max(0, drafter_from - start)
             feed.observe(next_tokens[skip:], hidden[:, skip:, :])
             lazy = feed.drafter.lazy_state()
-        mx.eval(_cache_arrays(cache) + lazy + ([first] if first is not None else []))
-    return first, hidden[:, -1:, :]
+        mx.eval(_cache_arrays(cache) + lazy + ([first, head] if head is not None else []))
+        # Between chunks the caches are consistent and evaluated: a cheap
+        # place to stop a long prompt (no sync beyond the chunk's own).
+        if head is None and cancelled is not None and cancelled():
+            return None, hidden[:, -1:, :], end
+    return head, hidden[:, -1:, :], len(prompt)
 
 
 def cut_at_stop(
@@ -368,9 +421,11 @@ def decode(
     prompt_cache: Optional[PromptCache] = None,
     costs: Optional["StepCosts"] = None,
     policy: Optional[Any] = None,
+    cancelled: Optional[Callable[[], bool]] = None,
 ) -> Iterator[Cycle]:
     """Generate from `prompt` token ids; yields one `Cycle` for the prefill and
     one per draft/verify cycle. `stats` is updated in place as it goes.
+    `seed`: any integer, reduced modulo SEED_MODULUS (2**64) for MLX.
 
     `num_draft`: tokens drafted per cycle, or "auto" to let the adaptive
     policy choose each cycle (0 when drafting does not pay), warm-started
@@ -383,7 +438,12 @@ def decode(
     `prompt_cache`: reuse the state a previous call left when `prompt` extends
     its tokens (chat turns); only the new tokens are pre-filled. With it, a
     drafter keeps following the sequence even at num_draft=0, so drafting
-    can be switched back on without a full re-prefill."""
+    can be switched back on without a full re-prefill.
+    `cancelled`: asked between prefill chunks (a long prompt can be
+    stopped before its first token); when it says True the call ends with
+    finish_reason "cancelled" and no tokens, and `prompt_cache` holds the
+    prompt tokens pre-filled so far (a prefix of `prompt`).
+    Raises CorruptWeightsError when the first logits hold NaN or Inf."""
     prompt = [int(t) for t in prompt]
     ctx = max_context or context_length(model)
     _validate(prompt, num_draft, max_tokens, ctx)
@@ -399,7 +459,7 @@ def decode(
     stats.accepted_per_position = [0] * k_max
     stats.drafted_per_position = [0] * k_max
     eos = set(int(t) for t in eos_token_ids)
-    key = mx.random.key(seed if seed is not None else random.getrandbits(32))
+    key = mx.random.key(int(seed) % SEED_MODULUS if seed is not None else random.getrandbits(32))
 
     start_time = time.perf_counter()
     reuse = prompt_cache is not None and prompt_cache.reusable_for(prompt, drafter)
@@ -423,15 +483,32 @@ def decode(
         drafter.bind(model, cache)
     stats.prefilled_tokens = len(prompt) - begin
     key, sub = mx.random.split(key)
-    first, last_hidden = _prefill(model, prompt, begin, cache, feed, prev_hidden, params, sub, prefill_step_size)
-    cache_tokens = list(prompt)
+    head, last_hidden, prefilled = _prefill(model, prompt, begin, cache, feed, prev_hidden, params, sub,
+                                            prefill_step_size, cancelled)
+    cache_tokens = list(prompt[:prefilled])
 
     def save_prompt_cache():
         if prompt_cache is not None:
             prompt_cache.cache, prompt_cache.tokens = cache, cache_tokens
             prompt_cache.last_hidden, prompt_cache.drafter, prompt_cache.feed = last_hidden, drafter, feed
 
-    last = int(first.item())
+    if head is None:  # cancelled between prefill chunks
+        stats.prefill_s = time.perf_counter() - start_time
+        stats.prefilled_tokens = prefilled - begin
+        stats.generated_tokens = 0
+        stats.finish_reason = "cancelled"
+        # What the caches hold is a prefix of the prompt: a later call that
+        # extends it (the same turn sent again, or the history with this
+        # message in it) pre-fills only the rest.
+        save_prompt_cache()
+        yield Cycle([], [], [], 0)
+        return
+    last, finite = head.tolist()  # evaluated with the last chunk: no new sync
+    if not finite:
+        raise CorruptWeightsError(
+            "the model's first logits are NaN or infinite: its weights are most likely corrupt "
+            "(a damaged download or conversion); download or convert it again"
+        )
     stats.prefill_s = time.perf_counter() - start_time
     stats.generated_tokens = 1
     decode_start = time.perf_counter()
@@ -449,9 +526,12 @@ def decode(
 
     no_drafts = mx.zeros((0,), mx.int32)
 
-    def build_cycle(last_token: mx.array, k: int):
+    def build_cycle(last_token: mx.array, k: int, before: Sequence[int], host: Optional[List[int]] = None):
         """Steps 1-3 as one lazy graph: draft, verify, accept. Returns the
-        packed result [n, d_1..d_k, bonus], the verify hidden states and k."""
+        packed result [n, d_1..d_k, bonus], the verify hidden states and k.
+        `before`: the tokens before `last_token`, which the penalties see.
+        `host`: drafts already known on the host (prompt lookup), used
+        instead of the drafter's graph."""
         nonlocal key
         if k:
             feed.flush()  # a parked drafter catches up before it drafts
@@ -459,12 +539,24 @@ def decode(
             draft_key = verify_key = None
         else:
             key, draft_key, verify_key = mx.random.split(key, 3)
-        drafts, draft_probs = drafter.draft(k, params, draft_key) if k else (no_drafts, None)
+        # The penalties' history up to `last_token` (maybe still lazy); the
+        # drafter and every verify row extend it with the drafts before them.
+        history = recent_tokens(before, params)
+        if history is not None:
+            history = mx.concatenate([history, last_token.reshape(1)])
+        if k and host is not None:
+            drafts, draft_probs = mx.array(host[:k], mx.int32), None  # deterministic: q is one-hot
+        elif k:
+            drafts, draft_probs = drafter.draft(k, params, draft_key, history)
+        else:
+            drafts, draft_probs = no_drafts, None
         verify_input = mx.concatenate([last_token.reshape(1), drafts])[None] if k else last_token.reshape(1, 1)
         set_recording(cache, k > 0)  # only a draft can need a rollback
         hidden = model.hidden(verify_input, cache)
         set_recording(cache, False)
         logits = model.logits(hidden)[0]
+        if history is not None:
+            logits = penalize(logits, mx.concatenate([history, drafts]), params)
         if params.greedy:
             n, bonus = accept_greedy(logits, drafts)
         else:
@@ -476,6 +568,26 @@ def decode(
         # Never draft past max_tokens or the context.
         return max(0, min(policy.choose(), max_tokens - generated - 1, ctx - position - 1))
 
+    # Host drafts (docs/ngram.md#engine): the drafter looks up the verified
+    # sequence every cycle; with a lookup in front of a model drafter, the
+    # lookup's drafts pick the source, whose own policy picks k.
+    host_drafting = drafter is not None and drafter.host_drafts
+    routed = isinstance(policy, SourcePolicies)
+
+    def plan(generated: int, position: int, proposal: Optional[List[int]],
+             commit: bool = True) -> Tuple[int, Optional[List[int]]]:
+        """The next cycle's draft length and its host drafts (None: the
+        drafter drafts in the graph). commit=False only looks: the k the
+        cycle would draft if the lookup stayed as `proposal`."""
+        if routed:
+            if not commit:
+                k = policy.peek(proposal is not None)
+                return max(0, min(k, max_tokens - generated - 1, ctx - position - 1)), None
+            if not policy.select(proposal is not None):
+                proposal = None
+        k = draft_length(generated, position)
+        return (k, None) if proposal is None else (min(k, len(proposal)), proposal)
+
     queued = None  # a k=0 step already on the device (plain decoding pipeline)
     planned = None  # the draft length already chosen for the next cycle
     plain_clock = _PlainClock(policy)
@@ -486,15 +598,30 @@ def decode(
         if position >= ctx:
             stats.finish_reason = "context"
             return
+        # Host-side lookup on the verified sequence: no device work, no sync.
+        proposal = drafter.propose(cache_tokens, last) if host_drafting else None
+        host = None
         if queued is not None:
             (packed, hidden, k), queued = queued, None
+            if routed:  # a pipelined plain step: the model's policy parked
+                policy.select(proposal is not None, plain=True)
+        elif planned is None:
+            k, host = plan(generated, position, proposal)
+            packed, hidden, k = build_cycle(mx.array([last], mx.int32), k, cache_tokens, host)
         else:
-            k = draft_length(generated, position) if planned is None else planned
-            packed, hidden, k = build_cycle(mx.array([last], mx.int32), k)
+            k = planned
+            packed, hidden, k = build_cycle(mx.array([last], mx.int32), k, cache_tokens)
+        source = drafter.source_name(host is not None) if k else None
         planned = None
         if (k == 0 and prompt_cache is None and generated + 1 < max_tokens and position + 1 < ctx
                 and not plain_clock.due()):
-            planned = draft_length(generated + 1, position + 1)
+            if host_drafting:
+                # The next input is not on the host yet: judge by this
+                # lookup (a match that starts there is picked up a cycle
+                # late), and plan that cycle again once its input is known.
+                planned = 0 if plan(generated + 1, position + 1, proposal, commit=False)[0] == 0 else None
+            else:
+                planned = draft_length(generated + 1, position + 1)
         if planned == 0:
             planned = None
             # Nothing the next plain step needs is on the host: queue it on
@@ -506,7 +633,7 @@ def decode(
             # The current step gets its own evaluation first: a read of it
             # then waits for it alone, not for the queued step as well.
             mx.async_eval(packed)
-            queued = build_cycle(packed[-1:], 0)
+            queued = build_cycle(packed[-1:], 0, cache_tokens[-params.repetition_context_size :] + [last])
             mx.async_eval(queued[0])
             observed = True
         else:
@@ -514,7 +641,7 @@ def decode(
         out = packed.tolist()  # the one host sync of the cycle
         now = time.perf_counter()
         n, drafted, bonus = out[0], out[1 : k + 1], out[k + 1]
-        stats.record_cycle(k, n)
+        stats.record_cycle(k, n, source)
         if k:
             plain_clock.flush(policy, cycle_start)
             policy.update(k, n, now - cycle_start)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 from .sampling import SamplingParams
+from .templates import check_template_kwargs, check_tools
 
 #: `num_draft` value that lets the adaptive draft policy pick k per cycle.
 AUTO = "auto"
@@ -35,6 +36,11 @@ class GenerationOptions:
     enable_thinking: Optional[bool] = None
     #: override the model's context length
     max_context: Optional[int] = None
+    #: tool schemas (JSON objects) the chat template declares to the model
+    tools: Optional[Tuple[Dict[str, Any], ...]] = field(default=None, hash=False)
+    #: more keyword arguments for the chat template (reasoning_effort=...,
+    #: preserve_thinking=...); an explicit enable_thinking wins over one here
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         if isinstance(self.num_draft, str) and self.num_draft != AUTO:
@@ -44,10 +50,16 @@ class GenerationOptions:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         object.__setattr__(self, "stop", tuple(self.stop))
+        # Copied and checked once here, so every front end fails the same way
+        # and a caller's later change to its list or dict cannot leak in.
+        if self.tools is not None:
+            object.__setattr__(self, "tools", tuple(check_tools(self.tools)) or None)
+        object.__setattr__(self, "chat_template_kwargs", check_template_kwargs(self.chat_template_kwargs or {}))
 
     def replace(self, **changes) -> "GenerationOptions":
         """A copy with some fields changed; sampling fields (temp, top_p,
-        top_k, min_p) may be given directly."""
+        top_k, min_p, repetition_penalty, repetition_context_size,
+        presence_penalty, frequency_penalty) may be given directly."""
         sampling_fields = {f.name for f in dataclasses.fields(SamplingParams)}
         sampling = {k: changes.pop(k) for k in list(changes) if k in sampling_fields}
         if sampling:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["format_memory", "format_acceptance", "format_draft_lengths", "format_stats", "cli_words"]
+__all__ = ["format_memory", "format_acceptance", "format_draft_lengths", "format_sources", "format_stats",
+           "cli_words"]
 
 
 def format_memory(n_bytes: float) -> str:
@@ -29,6 +30,16 @@ def format_draft_lengths(stats: Any) -> str:
     return f"k chosen {hist or '-'}, parked {100 * stats.parked_fraction:.0f}%"
 
 
+def format_sources(stats: Any) -> str:
+    """ "ngram 92% (48/52) in 6 cycles, mtp 70% (33/47) in 16": acceptance
+    per draft source of a combined drafter."""
+    return ", ".join(
+        f"{name} {100 * c['accepted'] / max(1, c['drafted']):.0f}% ({c['accepted']}/{c['drafted']}) "
+        f"in {c['cycles']} cycles"
+        for name, c in sorted(stats.sources.items())
+    )
+
+
 def format_stats(stats: Any) -> str:
     """One readable line for a finished generation, e.g.
     [mtp k=3] prompt 12 tok @ 850 tok/s | 64 tok @ 120.3 tok/s | acceptance 71% (45/63) | ..."""
@@ -40,6 +51,8 @@ def format_stats(stats: Any) -> str:
     ]
     if stats.draft_tokens:
         parts.append(format_acceptance(stats))
+    if len(stats.sources) > 1:
+        parts.append(format_sources(stats))
     if stats.num_draft == "auto":
         parts.append(format_draft_lengths(stats))
     parts += [
@@ -48,7 +61,10 @@ def format_stats(stats: Any) -> str:
         # to_dict() holds the peak rounded to 0.1 MB: the same figure as --json.
         f"peak {format_memory(d['peak_memory_gb'] * 1e9)}",
     ]
-    if stats.finish_reason and stats.finish_reason != "length":
+    if stats.finish_reason == "stop" and not stats.generated_tokens:
+        # Nothing was printed: say why, or an empty output looks like a bug.
+        parts.append("finish stop after 0 tokens: the model emitted end-of-sequence")
+    elif stats.finish_reason and stats.finish_reason != "length":
         parts.append(f"finish {stats.finish_reason}")
     return " | ".join(parts)
 

@@ -176,7 +176,9 @@ def test_app_streams_text_and_stats(loaded, monkeypatch, tmp_path):
                         lambda self, spans: (updates.append(list(spans)), original(self, spans))[1])
 
     async def main():
-        app = _app(loaded)
+        # A fixed k: with "auto" the policy may park on this tiny model (it
+        # decides from timings), and then no drafted run would be marked.
+        app = _app(loaded, num_draft=3)
         async with app.run_test(size=(100, 32)) as pilot:
             await _wait(pilot, lambda: app.session is not None)
             await _send(app, pilot, "Write a haiku about caches")
@@ -186,7 +188,7 @@ def test_app_streams_text_and_stats(loaded, monkeypatch, tmp_path):
             assert len(updates) >= 2  # streamed in pieces, not at the end
             assert any(d for u in updates for _, d in u)  # drafted runs are marked
             bar = _statsbar(app)
-            for part in ("mtp k=auto", "tok/s", "accept", "tok/pass", "prefill", "ctx", "mem"):
+            for part in ("mtp k=3", "tok/s", "accept", "tok/pass", "prefill", "ctx", "mem"):
                 assert part in bar
             assert f"prefill {last.stats.prefilled_tokens} tok" in bar
 
@@ -401,3 +403,16 @@ def test_cli_chat_command():
     assert result.exit_code == 0
     for option in ("--model", "--drafter", "--num-draft", "--temp", "--system", "--thinking"):
         assert option in result.output
+
+
+def test_stats_bar_shows_the_adaptive_k_and_why_it_is_parked(loaded):
+    from mlx_mtp.apps.chat.app import format_stats_bar
+    from mlx_mtp.engine import Stats
+
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, max_tokens=8, num_draft="auto")
+    assert "mtp k=auto" in str(format_stats_bar(session))
+    stats = Stats(target_passes=5, last_k=0, generated_tokens=6,
+                  parked_reason="parked: drafts accepted 3%, a verify costs 1.8 steps; probing k=1 every 45 cycles")
+    bar = str(format_stats_bar(session, stats))
+    assert "mtp k=auto (now 0)" in bar and "parked: drafts accepted 3%" in bar

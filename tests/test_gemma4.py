@@ -317,7 +317,8 @@ def test_cli_generate_with_assistant(pair_dirs):
 
     target_dir, assistant_dir = pair_dirs
     result = CliRunner().invoke(
-        main, ["generate", "-m", str(target_dir), "--drafter", str(assistant_dir), "hi", "-n", "40", "--json"],
+        main, ["generate", "-m", str(target_dir), "--drafter", str(assistant_dir), "hi", "-n", "40", "--json",
+               "--temp", "0"],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output

@@ -136,7 +136,8 @@ def test_tokenizer_matches_hf(tmp_path):
         assert tok.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False).ids
         ids = hf.encode(text).ids
         assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False)
-    assert tok.eos_token_ids == {tiny.EOS_TOKEN_ID}
+    # eos_token_id, and <|endoftext|> by its text, as llama.cpp (tests/test_gguf_layouts.py)
+    assert tok.eos_token_ids == {tiny.EOS_TOKEN_ID, hf.token_to_id(tiny.ENDOFTEXT)}
     msgs = [{"role": "user", "content": "hi"}]
     assert "<|im_start|>assistant\n<think>\n" in tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
@@ -167,7 +168,7 @@ def test_api_and_cli_generate_from_gguf(tmp_path):
     runner = CliRunner()
     outs = []
     for k in ("3", "0"):
-        r = runner.invoke(main, ["generate", "-m", str(path), "hello", "-n", "24", "-k", k, "--json"])
+        r = runner.invoke(main, ["generate", "-m", str(path), "hello", "-n", "24", "-k", k, "--json", "--temp", "0"])
         assert r.exit_code == 0, r.output
         outs.append(json.loads(r.stdout))
     assert outs[0]["tokens"] == outs[1]["tokens"]

@@ -166,7 +166,7 @@ def test_api_and_cli_generate_from_gguf_pair(pairs):
     outs = []
     for drafter in (str(assistant_gguf), "none"):
         r = runner.invoke(main, ["generate", "-m", str(target_gguf), "--drafter", drafter, "the fox",
-                                 "-n", "24", "--json"])
+                                 "-n", "24", "--json", "--temp", "0"])
         assert r.exit_code == 0, r.output
         outs.append(json.loads(r.stdout))
     assert outs[0]["tokens"] == outs[1]["tokens"]

@@ -129,8 +129,8 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
 
     unsupported = tmp_path / "unsupported"
     unsupported.mkdir()
-    (unsupported / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(CheckpointError, match="not supported"):
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "frobnicator"}))  # neither we nor mlx-lm
+    with pytest.raises(CheckpointError, match="supported neither"):
         load_target(unsupported)
 
     partial = tmp_path / "partial"

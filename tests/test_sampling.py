@@ -105,7 +105,8 @@ class PoorDrafter(Drafter):
     def observe(self, next_tokens, hidden):
         pass
 
-    def draft(self, k: int, params: SamplingParams, key: Optional[mx.array]) -> Tuple[mx.array, Optional[mx.array]]:
+    def draft(self, k: int, params: SamplingParams, key: Optional[mx.array],
+              history: Optional[mx.array] = None) -> Tuple[mx.array, Optional[mx.array]]:
         q = mx.broadcast_to(self.q, (k, self.q.shape[0]))
         return mx.random.categorical(mx.log(q), key=key).astype(mx.int32), q
 

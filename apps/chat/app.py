@@ -9,6 +9,7 @@ thread never waits for it. Installed as `mlx_mtp.apps.chat`.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,8 +91,8 @@ def format_stats_bar(session: ChatSession, stats: Any = None, legend: bool = Fal
         parts.append((f"{stats.tokens_per_pass:.1f} tok/pass", ""))
         parts.append((f"prefill {stats.prefilled_tokens} tok {1000 * stats.prefill_s:.0f} ms", ""))
     ctx_used, ctx_limit = session.context_used, session.context_limit
-    if stats is not None:  # live while an answer streams
-        ctx_used = max(ctx_used, stats.prompt_tokens + stats.generated_tokens)
+    if stats is not None:  # live while an answer streams (its newest token is not in the context yet)
+        ctx_used = max(ctx_used, min(stats.prompt_tokens + stats.generated_tokens, ctx_limit))
     parts.append((f"ctx {ctx_used}/{ctx_limit}", "$error" if ctx_used >= 0.95 * ctx_limit else ""))
     parts.append((f"mem {format_memory(mx.get_active_memory())}", ""))
     if legend and drafter is not None:
@@ -773,9 +774,13 @@ class ChatApp(App):
         for m in self.session.messages:
             if m.role == "user":
                 self._mount(UserMessage(m.content))
+            elif m.role == "tool":  # a tool's result, sent in the user's place
+                self._mount(UserMessage(f"tool result: {m.content}"))
             else:
                 widget = AssistantMessage()
-                widget.set_text(m.content)
+                calls = m.extra.get("tool_calls")
+                # A pure tool call has no text: show what it calls.
+                widget.set_text(m.content or (f"tool calls: {json.dumps(calls, ensure_ascii=False)}" if calls else ""))
                 self._mount(widget)
         how = "exact tokens" if self.session.tokens else "re-encoded on the next message"
         self.note(f"Loaded {len(self.session.messages)} messages from {arg} ({how})")
@@ -792,6 +797,9 @@ class ChatApp(App):
 
 
 def run(model_path: Optional[str] = None, options: Optional[GenerationOptions] = None, *,
-        drafter: str = "auto", show_drafts: bool = True) -> None:
-    """Start the chat app (blocks until it quits)."""
-    ChatApp(model_path, options, drafter=drafter, show_drafts=show_drafts).run()
+        drafter: str = "auto", show_drafts: bool = True) -> Optional[str]:
+    """Start the chat app (blocks until it quits). Returns why the model
+    could not be loaded (shown in the app until the user quit), or None."""
+    app = ChatApp(model_path, options, drafter=drafter, show_drafts=show_drafts)
+    app.run()
+    return app.load_error

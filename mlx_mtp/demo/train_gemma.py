@@ -65,8 +65,9 @@ from mlx.utils import tree_flatten
 from ..loading.configs import gemma4_assistant_config
 from ..models import gemma4
 from ..models.base import FULL, SLIDING
-from ..models.gemma4_assistant import AssistantArgs, Gemma4Assistant
+from ..models.gemma4_assistant import AssistantArgs, Gemma4Assistant, sliding_keys
 from .train_qwen import (
+    CONTEXT_LENGTH,
     EOS_TOKEN,
     PAD_TOKEN,
     add_common_arguments,
@@ -114,7 +115,7 @@ def target_config(args, eos_id: int, pad_id: int) -> dict:
         "attention_k_eq_v": False,
         "attention_bias": False,
         "sliding_window": args.window,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": CONTEXT_LENGTH,
         "final_logit_softcapping": 30.0,
         "rope_parameters": copy.deepcopy(ROPE),
         "tie_word_embeddings": True,
@@ -207,11 +208,12 @@ def target_outputs(target, x: mx.array):
 
 def round_masks(n: int, T: int, window: int) -> Dict[str, mx.array]:
     """Rounds at positions p = 1..n over keys 0..T-1: the full layer sees
-    k < p, a sliding layer the last `window` of them (as the drafter slices)."""
+    k < p, a sliding layer the last `sliding_keys(window)` of them (as the
+    drafter slices, after transformers' |q - k| <= W)."""
     p = mx.arange(1, n + 1)[:, None]
     k = mx.arange(T)[None]
     full = k < p
-    return {FULL: full, SLIDING: full & (k >= p - window)}
+    return {FULL: full, SLIDING: full & (k >= p - sliding_keys(window))}
 
 
 def assistant_step(assistant: Gemma4Assistant, emb, state, kv, masks):
@@ -441,7 +443,7 @@ def main(argv=None) -> None:
     if not (tok_dir / "tokenizer.json").exists():
         say(f"no tokenizer in {tok_dir}: training demo-qwen's tokenizer settings into {out}")
         tok = train_tokenizer([t for _, t in corpus], args.vocab)
-        write_tokenizer(tok, out, args.seq * 8)
+        write_tokenizer(tok, out, CONTEXT_LENGTH)
         tok_dir = out
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     assert tok.get_vocab_size() == args.vocab, tok.get_vocab_size()

@@ -71,6 +71,9 @@ from . import open_run_log
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
 EOS_TOKEN = IM_END
 PAD_TOKEN = ENDOFTEXT
+#: The demo models' context (max_position_embeddings), which the tokenizer's
+#: model_max_length must match or transformers warns about valid prompts.
+CONTEXT_LENGTH = 4096
 # Qwen-style ChatML template: optional system message, user/assistant turns.
 # No thinking mode: the demo never learned one, and with no <think> tokens in
 # the vocabulary mlx-lm does not switch thinking on (enable_thinking is
@@ -109,7 +112,7 @@ def text_config(args) -> dict:
         "vocab_size": args.vocab,
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": True,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": CONTEXT_LENGTH,
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 10000.0,
@@ -435,7 +438,7 @@ def _main(argv, chunked_training) -> None:
     assert tok.get_vocab_size() == args.vocab, tok.get_vocab_size()
     eos_id, pad_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(PAD_TOKEN)
     if not args.eval_only:
-        write_tokenizer(tok, out, args.seq * 8)
+        write_tokenizer(tok, out, CONTEXT_LENGTH)
     min_val = 20 * (args.seq + args.mtp_depth + 1)
     docs, data, train, val = token_data(tok, corpus, args.seed, args.chat_fraction, min_val)
     say(f"tokens: {len(data) / 1e6:.2f}M ({len(data) and sum(len(d) for d in docs) / len(data):.2f} chars/token), "

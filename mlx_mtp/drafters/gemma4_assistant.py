@@ -19,6 +19,7 @@ from ..models.gemma4_assistant import (
     AssistantError,
     Gemma4Assistant,
     compatibility_problem,
+    sliding_keys,
 )
 from ..sampling import SamplingParams, sample
 from .base import Drafter
@@ -62,20 +63,22 @@ class Gemma4AssistantDrafter(Drafter):
 
     def _shared_kv(self) -> Tuple[dict, int]:
         """The KV the queries see and the round's position p: every key
-        before p for the full layer, the last `sliding_window` for sliding."""
+        before p for the full layer, the last W + 1 for sliding (transformers'
+        |q - k| <= W, see `sliding_keys`). The target's SlidingWindowCache
+        keeps that many rows before p after any rollback."""
         kv = self.target.shared_kv(self.cache)
         position = self.cache[self.target.shared_kv_layers[FULL]].offset
         out = {}
         for layer_type, (keys, values, start) in kv.items():
             rows = position - start
             if layer_type == SLIDING:
-                first = max(0, rows - self.assistant.sliding_window)
+                first = max(0, rows - sliding_keys(self.assistant.sliding_window))
                 keys, values = keys[..., first:rows, :], values[..., first:rows, :]
             out[layer_type] = (keys, values)
         return out, position
 
     def draft(
-        self, k: int, params: SamplingParams, key: Optional[mx.array]
+        self, k: int, params: SamplingParams, key: Optional[mx.array], history: Optional[mx.array] = None
     ) -> Tuple[mx.array, Optional[mx.array]]:
         if self.last_token is None or self.cache is None:
             raise RuntimeError("draft() before bind()/observe(): the drafter has not seen the prompt")
@@ -86,12 +89,15 @@ class Gemma4AssistantDrafter(Drafter):
         probs: List[mx.array] = []
         for j in range(k):
             y, state = self.assistant.step(self.target.embed(token.reshape(1, 1)), state, kv, position)
-            if params.greedy:
+            if params.greedy and history is None:
                 token = self.assistant.greedy_token(y[0, -1]).reshape(1)
-            else:
-                t, q = sample(self.assistant.logits(y[0, -1]), params, keys[j])
+            else:  # penalties need the full [V] logits
+                t, q = sample(self.assistant.logits(y[0, -1]), params, keys[j], history)
                 token = t.reshape(1)
-                probs.append(q)
+                if q is not None:
+                    probs.append(q)
+                if history is not None:
+                    history = mx.concatenate([history, token])
             tokens.append(token)
         drafts = mx.concatenate(tokens)
         return drafts, (None if params.greedy else mx.stack(probs))

@@ -47,7 +47,7 @@ class MTPDrafter(Drafter):
         return [self.last_state] + [x for c in self.cache for x in (c.keys, c.values) if x is not None]
 
     def draft(
-        self, k: int, params: SamplingParams, key: Optional[mx.array]
+        self, k: int, params: SamplingParams, key: Optional[mx.array], history: Optional[mx.array] = None
     ) -> Tuple[mx.array, Optional[mx.array]]:
         if self.last_state is None:
             raise RuntimeError("draft() before observe(): the head has not seen the prompt")
@@ -59,7 +59,9 @@ class MTPDrafter(Drafter):
             if j > 0:
                 g = self.model.mtp(self.model.embed(tokens[-1].reshape(1, 1)), g, self.cache)
                 self.speculative_entries += 1
-            token, q = sample(self.model.logits(g)[0, -1], params, keys[j])
+            token, q = sample(self.model.logits(g)[0, -1], params, keys[j], history)
+            if history is not None:
+                history = mx.concatenate([history, token.reshape(1)])
             tokens.append(token)
             probs.append(q)
         return mx.stack(tokens), (None if params.greedy else mx.stack(probs))

@@ -21,6 +21,36 @@ from .safetensors import load_strict
 
 #: A model directory holding this subfolder drafts with it by default (demo-gemma).
 BUNDLED_ASSISTANT_DIR = "assistant"
+#: config.json's model_type of a Gemma 4 assistant checkpoint.
+ASSISTANT_MODEL_TYPE = "gemma4_assistant"
+#: What a drafter argument may be besides a drafter model's path or repo id.
+DRAFTER_MODES = ("auto", "none", "mtp", "ngram")
+#: `<model drafter>+ngram`: prompt lookup in front of that drafter (drafters/combined.py);
+#: `assistant+ngram` names the model's bundled assistant.
+LOOKUP_SUFFIX = "+ngram"
+ASSISTANT_MODE = "assistant"
+
+
+def drafter_problem(value: str) -> Optional[str]:
+    """Why `value` cannot name a drafter (one line), or None: auto / none /
+    mtp, an existing path, or an owner/name repo id. Every front end checks
+    a drafter argument with this, so they accept and refuse the same values."""
+    from ..defaults import DEMO_MODELS
+    from .hub import _REPO_ID
+
+    if value in DRAFTER_MODES or Path(value).expanduser().exists():
+        return None
+    if value.endswith(LOOKUP_SUFFIX) and value != LOOKUP_SUFFIX:  # mtp+ngram, assistant+ngram, PATH+ngram
+        model = value[: -len(LOOKUP_SUFFIX)]
+        if model in ("mtp", ASSISTANT_MODE) or (model not in DRAFTER_MODES and drafter_problem(model) is None):
+            return None
+        return f"{value!r}: only mtp, assistant or a drafter model's path or repo id go before {LOOKUP_SUFFIX}"
+    if value in DEMO_MODELS:
+        return (f"{value!r} is a bundled demo model, not a drafter (demo-gemma drafts with its own "
+                "assistant/ under --drafter auto)")
+    if _REPO_ID.match(value) and not value.startswith((".", "/", "~")):
+        return None
+    return f"{value!r} is not auto, none, mtp, ngram, mtp+ngram, assistant+ngram, a drafter directory or a repo id"
 
 
 def load_assistant(path: Path, lazy: bool = False) -> Gemma4Assistant:
@@ -94,14 +124,15 @@ def bundled_assistant(model_dir: Path) -> Optional[Path]:
 
 def load_assistant_drafter(
     path: Union[str, Path], target: Any, revision: Optional[str] = None
-) -> Gemma4AssistantDrafter:
+) -> Any:
     """A drafter from an assistant directory, repo id or `gemma4-assistant`
-    GGUF file, checked against `target`."""
+    GGUF file (a Gemma4AssistantDrafter), or a split MTP head GGUF (an
+    MTPDrafter), checked against `target`."""
     from .gguf import is_gguf
 
-    if is_gguf(path):
-        from .gguf import load_gguf_assistant
+    if is_gguf(path):  # a gemma4-assistant, or llama.cpp's split MTP head (mtp-*.gguf)
+        from .gguf import load_gguf_drafter
 
-        return Gemma4AssistantDrafter(load_gguf_assistant(path), target)
+        return load_gguf_drafter(path, target)
     assistant = load_assistant(resolve_model_path(str(path), revision=revision))
     return Gemma4AssistantDrafter(assistant, target)

@@ -16,6 +16,7 @@ one output shard, not the model plus its copy.
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import json
 import shutil
@@ -130,7 +131,9 @@ class Plan:
             params = self.trunk
             if params and self.model_predicate is not None:
                 p = self.model_predicate(path, module)
-                params = p if isinstance(p, dict) else params if p else False
+                # mlx-lm's predicates leave the mode out (Qwen3.5-MoE routers:
+                # 8 bits, group 64); to_quantized then means affine.
+                params = {"mode": "affine", **p} if isinstance(p, dict) else params if p else False
         if not params or params == "float":
             return False
         if module.weight.shape[-1] % params["group_size"]:
@@ -158,22 +161,35 @@ def _quantize(w: mx.array, params: Dict[str, Any], dtype: Optional[mx.Dtype]) ->
 
 
 def _module_groups(weights: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """Group `x.weight`, `x.scales`, `x.biases`, `x.bias` under module path x."""
+    """Group `x.weight`, `x.scales`, `x.biases`, `x.bias` under module path x.
+    Takes the arrays out of `weights` and hands each group over once: an
+    array read from disk (or dequantized) stays in memory only while
+    something refers to it, so after its shard is written it is gone."""
     groups: Dict[str, Dict[str, Any]] = {}
-    for name, value in weights.items():
+    for name in list(weights):
         path, _, leaf = name.rpartition(".")
-        groups.setdefault(path, {})[leaf] = value
-    return iter(groups.items())
+        groups.setdefault(path, {})[leaf] = weights.pop(name)
+    for path in list(groups):
+        yield path, groups.pop(path)
 
 
 def write_weights(out: Path, tensors: Iterator[Tuple[str, Dict[str, Any]]], plan: Plan, total: int,
-                  progress: bool = True, max_shard_bytes: int = SHARD_BYTES) -> int:
-    """Stream (module path, {leaf: array | QuantTensor-like}) through `plan` into shards."""
+                  progress: bool = True, max_shard_bytes: int = SHARD_BYTES, source: str = "the source") -> int:
+    """Stream (module path, {leaf: array | QuantTensor-like}) through `plan` into shards.
+    Every source array is checked for NaN / Inf first; after a bad one the
+    rest is only scanned (to name them all), and CheckpointError follows."""
     from tqdm.auto import tqdm
 
+    from .tensors import NonFinite
+
     writer = ShardWriter(out, max_shard_bytes)
+    scan = NonFinite()
     count = 0
     for path, leaves in tqdm(tensors, total=total, desc="converting", unit="tensor", disable=not progress):
+        finite = [scan.check(f"{path}.{leaf}" if path else leaf, v)
+                  for leaf, v in leaves.items() if isinstance(v, mx.array)]
+        if not all(finite) or scan.bad:
+            continue
         target = plan.target(path)
         already = "scales" in leaves
         to_float = target is False and is_head(path) and plan.head == "float"
@@ -210,26 +226,80 @@ def write_weights(out: Path, tensors: Iterator[Tuple[str, Dict[str, Any]]], plan
                 v = v.astype(dt)
             writer.add(name, v)
         count += 1
+    error = scan.error(source)
+    if error:
+        raise error
     writer.close()
     return count
 
 
-def _source_tensors_hf(path: Path, model: nn.Module) -> Tuple[Dict[str, Any], int]:
-    """All weights of an HF / MLX safetensors checkpoint, lazily, sanitized
-    into our module layout (norm shift, conv1d, experts as mlx-lm does)."""
-    files = sorted(glob.glob(str(path / "model*.safetensors")))
-    if not files:
-        raise CheckpointError(f"no model*.safetensors files in {path}")
-    weights: Dict[str, mx.array] = {}
-    for f in files:
+def _source_tensors_hf(path: Path, model: nn.Module, config: Dict[str, Any]) -> Dict[str, Any]:
+    """All weights of an HF / MLX / FP8 safetensors checkpoint, lazily,
+    sanitized into our module layout (norm shift, conv1d, experts as mlx-lm
+    does) and checked to fit the model."""
+    from .safetensors import read_side_head
+    from .tensors import read_weights
+
+    if hasattr(model, "side_head"):  # a head in its own file beside the trunk (mtp.safetensors)
+        model.side_head = read_side_head(path, config)
+    weights = model.sanitize(read_weights(path, config))
+    _check_fits(model, weights, path)
+    return weights
+
+
+def _check_fits(model: nn.Module, weights: Dict[str, Any], path: Path) -> None:
+    """Refuse tensors the model has no place for, and missing or mis-shaped
+    ones: the output would not load (a layout we do not know, a damaged
+    checkpoint)."""
+    from mlx.utils import tree_flatten
+
+    from ..models.base import architecture
+    from .tensors import name_list
+
+    expected = {name: tuple(v.shape) for name, v in tree_flatten(model.parameters())}
+    quantized = {n.rpartition(".")[0] for n in weights if n.endswith(".scales")}
+
+    def known(name: str) -> bool:
+        base, _, leaf = name.rpartition(".")
+        return name in expected or (base in quantized and leaf in ("scales", "biases"))
+
+    problems = [
+        ("tensors the model has no place for", sorted(n for n in weights if not known(n))),
+        ("tensors the config needs are missing", sorted(n for n in expected if n not in weights)),
+        ("tensors have the wrong shape", sorted(n for n, v in weights.items() if n in expected
+                                                 and n.rpartition(".")[0] not in quantized
+                                                 and tuple(v.shape) != expected[n])),
+    ]
+    for what, names in problems:
+        if names:
+            raise CheckpointError(f"{path}: {len(names)} {what} ({architecture(model)}): {name_list(names)}")
+
+
+def _removes_partial_output(convert_fn: Callable[..., Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
+    """A failed or interrupted conversion leaves nothing behind: what it
+    wrote into a new (or empty) output directory is removed again. A
+    directory that held anything is refused before writing, never touched."""
+
+    @functools.wraps(convert_fn)
+    def wrapper(src: Union[str, Path], out: Union[str, Path], **kwargs: Any) -> Dict[str, Any]:
+        out = Path(out)
+        existed = out.exists()
+        fresh = not existed or (out.is_dir() and not any(out.iterdir()))
         try:
-            weights.update(mx.load(f))
-        except RuntimeError as e:
-            raise CheckpointError(f"{f}: cannot read (corrupt or truncated?): {e}") from e
-    weights = model.sanitize(weights)
-    return weights, len(files)
+            return convert_fn(src, out, **kwargs)
+        except BaseException:
+            if fresh and out.is_dir():
+                if not existed:
+                    shutil.rmtree(out, ignore_errors=True)
+                else:  # it was empty: everything in it is ours
+                    for child in out.iterdir():
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+            raise
+
+    return wrapper
 
 
+@_removes_partial_output
 def convert(
     src: Union[str, Path],
     out: Union[str, Path],
@@ -250,7 +320,8 @@ def convert(
     and any stored quantization, GGUF repacks included). The head follows
     mtp_bits (quantized, affine) or mtp_dtype (kept in float); by default a
     head inside a trunk quantized below 8 bits stays at 8 bits."""
-    from .gguf import QuantTensor, is_gguf, mlx_weights, read_gguf, to_mx
+    from .assistant import BUNDLED_ASSISTANT_DIR
+    from .gguf import QuantTensor, is_gguf, read_gguf, to_mx
     from .hub import resolve_model_path
 
     out = Path(out)
@@ -281,17 +352,22 @@ def convert(
         total = len(ckpt.tensor_names())
     else:
         path = resolve_model_path(src_str)
+        if out.resolve().is_relative_to(path.resolve()):
+            # A checkpoint written inside its source would be read as part of it next time.
+            raise CheckpointError(f"{out} is inside the source {path}: write the conversion elsewhere")
         tokenizer_source = path
         config = read_config(path)
         model = _build_lazy(config)
-        weights, _ = _source_tensors_hf(path, model)
+        assistant = _checked_assistant(path)
+        weights = _source_tensors_hf(path, model, config)
         stored_q = config.get("quantization") or {}
         groups = _hf_groups(weights, stored_q, model)
         total = len({k.rpartition(".")[0] for k in weights})
         config.pop("quantization", None)
         config.pop("quantization_config", None)
+        (config.get("text_config") or {}).pop("quantization_config", None)  # FP8 repos may nest it
     plan = Plan(model, trunk, head, DTYPES.get(dtype) if dtype else None, DTYPES.get(mtp_dtype) if mtp_dtype else None)
-    write_weights(out, groups, plan, total, progress=progress, max_shard_bytes=max_shard_bytes)
+    write_weights(out, groups, plan, total, progress=progress, max_shard_bytes=max_shard_bytes, source=src_str)
 
     if plan.quantization:
         defaults = trunk or _most_common(plan.quantization)
@@ -307,6 +383,8 @@ def convert(
         for pattern in TOKENIZER_GLOBS:
             for f in glob.glob(str(tokenizer_source / pattern)):
                 shutil.copy(f, out)
+        if assistant is not None:
+            shutil.copytree(assistant, out / BUNDLED_ASSISTANT_DIR)
     else:
         from .gguf import build_tokenizer
 
@@ -314,6 +392,19 @@ def convert(
         hf.save_pretrained(str(out))
     with open(out / "config.json") as f:
         return json.load(f)
+
+
+def _checked_assistant(model_dir: Path) -> Optional[Path]:
+    """The `assistant/` drafter shipped inside `model_dir`, checked like the
+    target's tensors (complete files, known dtypes, no NaN / Inf); None if
+    there is none. It is copied as it is: see docs/quantization.md."""
+    from .assistant import bundled_assistant
+    from .tensors import verify
+
+    path = bundled_assistant(model_dir)
+    if path is not None:
+        verify(path, read_config(path))
+    return path
 
 
 def _most_common(layers: Dict[str, Any]) -> Dict[str, Any]:

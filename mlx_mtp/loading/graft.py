@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
-import numpy as np
 
 from .convert import DTYPES, Plan, _build_lazy, _quantize, quant_params
 from .safetensors import CheckpointError, read_config
@@ -96,8 +95,9 @@ def _looks_raw(head: Dict[str, mx.array], shards: List[Path]) -> bool:
         for k, info in safetensors_header(f).items():
             if "conv1d.weight" in k:
                 return info["shape"][-1] != 1
-    norms = [np.array(v.astype(mx.float32)) for k, v in head.items() if "norm" in k and v.ndim == 1]
-    return bool(norms) and float(np.mean([np.abs(n).mean() for n in norms])) < 0.5
+    from ..models.qwen3_5 import zero_centred_norms
+
+    return zero_centred_norms(head)
 
 
 def graft(
@@ -125,12 +125,12 @@ def graft(
     n_layers = int(_text(src_config).get("mtp_num_hidden_layers", 0) or 0)
     if not shards or n_layers == 0:
         raise CheckpointError(f"{src} has no MTP head (no mtp.* weights or mtp_num_hidden_layers is 0)")
+    from .tensors import read_head_tensors
+
     head: Dict[str, mx.array] = {}
     for f in shards:
-        for k, v in mx.load(str(f)).items():
-            m = _MTP_KEY.match(k)
-            if m:
-                head[m.group(1)] = v
+        for k, v in read_head_tensors(f, src_config, _MTP_KEY).items():  # FP8 decoded, dtypes checked
+            head[_MTP_KEY.match(k).group(1)] = v
     raw = _looks_raw(head, shards)
     head = {f"mtp.{k}": v for k, v in _sanitize_mtp(head, raw).items()}
 

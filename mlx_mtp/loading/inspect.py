@@ -1,7 +1,7 @@
 """`mlx-mtp inspect`: what a checkpoint holds and whether it can draft.
 
 Reads headers (safetensors) or tensor infos (GGUF) and only the small norm
-tensors, never the whole model.
+tensors, never the whole model, unless asked to `verify` every tensor.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .assistant import ASSISTANT_MODEL_TYPE
 from .safetensors import CheckpointError
 
 _MTP_KEY = re.compile(r"^(?:model\.|language_model\.|language_model\.model\.|model\.language_model\.)?mtp\.(.+)$")
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "I64": 8, "I32": 4, "F64": 8}
+#: `loader` of a checkpoint our own model classes (models/registry.py) load.
+OUR_LOADER = "mlx-mtp"
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "I64": 8, "I32": 4, "F64": 8, "F8_E4M3": 1}
 
 
 def _component(name: str) -> str:
@@ -43,43 +46,72 @@ def _head_layers(config: Dict[str, Any]) -> int:
     return int(text.get("mtp_num_hidden_layers", 0) or 0)
 
 
-def inspect_path(path: str, drafter: Optional[str] = None) -> Dict[str, Any]:
-    """A report dict: kind, architecture, parameters, quantization per
-    component, drafter, compatibility, memory_bytes, warnings."""
+def inspect_path(path: str, drafter: Optional[str] = None, verify: bool = False) -> Dict[str, Any]:
+    """A report dict: kind, architecture, context_length, parameters,
+    quantization per component, drafter, compatibility, memory_bytes,
+    warnings. `verify` also reads every tensor (convert's NaN / Inf check)
+    and adds `verified`, the number of tensors checked; CheckpointError
+    names the bad ones."""
     from .gguf import is_gguf
 
     if is_gguf(path):
+        if verify:
+            raise CheckpointError("--verify reads safetensors checkpoints; a GGUF file is checked when it is loaded")
         report = _inspect_gguf(Path(path))
     else:
         from .hub import resolve_model_path
 
-        report = _inspect_dir(resolve_model_path(path))
+        resolved = resolve_model_path(path)
+        report = _inspect_dir(resolved)
+        if verify:
+            report["verified"] = _verify_dir(resolved)
     report["compatibility"] = _compatibility(report, drafter)
     return report
 
 
-def _inspect_dir(path: Path) -> Dict[str, Any]:
-    from .graft import safetensors_header
+def _verify_dir(path: Path) -> int:
+    """Read every tensor of the model and of its bundled assistant once."""
+    from .assistant import bundled_assistant
     from .safetensors import read_config
+    from .tensors import verify
+
+    count = verify(path, read_config(path))
+    assistant = bundled_assistant(path)
+    if assistant is not None:
+        count += verify(assistant, read_config(assistant))
+    return count
+
+
+def _inspect_dir(path: Path) -> Dict[str, Any]:
+    from .fp8 import is_fp8
+    from .safetensors import read_config, side_head_files
+    from .tensors import read_header as safetensors_header  # refuses truncated files in one line
 
     config = read_config(path)
+    loader = _loader(config)
     q = config.get("quantization") or {}
+    fp8_label = _fp8_label(config) if is_fp8(config) else None
     tensors: Dict[str, Tuple[str, List[int], str]] = {}
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"no model*.safetensors files in {path}")
-    for f in files:
+    side = side_head_files(path, config)  # a head beside the trunk (mtp.safetensors): head tensors only
+    for f in files + side:
         for k, info in safetensors_header(f).items():
-            tensors[k] = (info["dtype"], info["shape"], f.name)
+            if f not in side or _MTP_KEY.match(k):
+                tensors[k] = (info["dtype"], info["shape"], str(f.relative_to(path)))
     memory = sum(int(np.prod(s)) * _DTYPE_BYTES.get(d, 2) for d, s, _ in tensors.values())
     params = 0
     quant: Dict[str, set] = defaultdict(set)
     for k, (dt, shape, _) in tensors.items():
         base = k.rsplit(".", 1)[0]
         comp = _component(k)
-        if k.endswith((".scales", ".biases")):
+        if k.endswith((".scales", ".biases", "_scale_inv", "activation_scale")):
             continue
-        if f"{base}.scales" in tensors and k.endswith(".weight"):
+        if dt == "F8_E4M3" and fp8_label:
+            params += int(np.prod(shape))
+            quant[comp].add(fp8_label)
+        elif f"{base}.scales" in tensors and k.endswith(".weight"):
             p = q.get(base) if isinstance(q.get(base), dict) else q
             bits, gs, mode = p.get("bits", 4), p.get("group_size", 64), p.get("mode", "affine")
             params += int(np.prod(shape[:-1])) * shape[-1] * 32 // bits
@@ -100,20 +132,131 @@ def _inspect_dir(path: Path) -> Dict[str, Any]:
     if head_keys and not declared:
         warnings.append("mtp.* weights are present but the config declares no head: set "
                         "text_config.mtp_num_hidden_layers to the head's layer count")
+    missing = _missing_tensors(config, tensors) if loader == OUR_LOADER else []
+    warnings += _missing_warnings(missing, head_keys, path)
     warnings += _norm_warnings(path, tensors, raw)
     warnings += _tokenizer_warnings(path, config)
+    bundled = None if head_keys else _bundled_drafter(path, config)  # what --drafter auto picks then
+    if bundled and bundled["problem"]:
+        warnings.append(f"the bundled assistant/ cannot draft for this model: {bundled['problem']}")
     return {
         "path": str(path),
         "kind": "mlx" if q or not raw else "hf",
         "architecture": config.get("model_type"),
+        "context_length": _context_length(config),
+        "loader": loader,
+        "missing_tensors": missing,
         "layout": "raw HF (norms zero-centred)" if raw else "mlx-lm (sanitized)",
         "parameters": params,
         "quantization": {k: sorted(v) for k, v in sorted(quant.items())},
-        "drafter": {"present": bool(head_keys) and bool(declared), "kind": "mtp" if head_keys else None,
-                    "declared_layers": declared, "tensors": len(head_keys)},
+        "drafter": bundled or {
+            "present": bool(head_keys) and bool(declared) and not any(_MTP_KEY.match(k) for k in missing),
+            "kind": "mtp" if head_keys else None, "declared_layers": declared, "tensors": len(head_keys),
+            "files": sorted({tensors[k][2] for k in head_keys})},
         "memory_bytes": memory,
         "warnings": warnings,
     }
+
+
+def _loader(config: Dict[str, Any]) -> str:
+    """Which classes load this checkpoint: ours, an assistant's, or mlx-lm's
+    own (loading/mlx_lm_fallback.py). A model_type neither knows ends
+    inspect with the error generate gives."""
+    from ..models.registry import ARCHITECTURES
+    from .mlx_lm_fallback import is_ours, mlx_lm_module
+
+    if config.get("model_type") == ASSISTANT_MODEL_TYPE:
+        return ASSISTANT_MODEL_TYPE
+    if is_ours(config):
+        return OUR_LOADER
+    module = mlx_lm_module(config)
+    if module is None:  # generate's words (load_mlx_lm_target)
+        raise CheckpointError(f"model type {config.get('model_type')!r} is supported neither by mlx-mtp (supported: "
+                              f"{', '.join(sorted(ARCHITECTURES))}) nor by this mlx-lm")
+    return f"mlx-lm ({module})"
+
+
+def _context_length(config: Dict[str, Any]) -> Optional[int]:
+    n = config.get("text_config", config).get("max_position_embeddings")
+    return int(n) if n else None
+
+
+def _fp8_label(config: Dict[str, Any]) -> str:
+    from .fp8 import fp8_block
+
+    block = fp8_block(config)
+    return f"fp8 e4m3 {block[0]}x{block[1]} blocks" if block else "fp8 e4m3 per tensor"
+
+
+def _missing_tensors(config: Dict[str, Any], tensors: Dict[str, Tuple[str, List[int], str]]) -> List[str]:
+    """Parameters loading will find missing, worked out without reading any
+    data: the model's own `sanitize` renames placeholder arrays of the
+    stored shapes (lazy zeros, never computed) into its layout."""
+    import copy
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from .safetensors import checked_model_classes
+
+    model_class, args_class = checked_model_classes(config)
+    try:
+        model = model_class(args_class.from_dict(copy.deepcopy(config)))
+        stored = model.sanitize({k: mx.zeros(shape, mx.float16) for k, (_, shape, _) in tensors.items()})
+    except (ValueError, KeyError, TypeError, IndexError):
+        return []  # a config or layout only the real data can settle: loading will say
+    return sorted(name for name, _ in tree_flatten(model.parameters()) if name not in stored)
+
+
+def _missing_warnings(missing: List[str], head_keys: List[str], path: Path) -> List[str]:
+    from .tensors import name_list
+
+    head = [k for k in missing if _MTP_KEY.match(k)]
+    trunk = [k for k in missing if not _MTP_KEY.match(k)]
+    warnings = []
+    if head:
+        warnings.append(
+            f"the MTP head is incomplete: {len(head_keys)} mtp.* tensors are stored but {len(head)} are missing "
+            f"({name_list(head)}), so loading fails with every --drafter (the weights do not match the config). "
+            f"Fix: convert the original checkpoint again, or `mlx-mtp graft --from <original HF repo> --into {path} "
+            "--force`"
+        )
+    if trunk:
+        warnings.append(f"{len(trunk)} tensors the config needs are missing ({name_list(trunk)}): loading fails")
+    return warnings
+
+
+def _bundled_drafter(path: Path, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The `assistant/` a model ships with, which `--drafter auto` drafts with."""
+    from .assistant import BUNDLED_ASSISTANT_DIR, bundled_assistant
+    from .safetensors import read_config
+    from .tensors import read_header
+
+    assistant = bundled_assistant(path)
+    if assistant is None:
+        return None
+    files = sorted(assistant.glob("model*.safetensors"))
+    assistant_config = read_config(assistant)
+    return {"present": True, "kind": "gemma4-assistant", "bundled": True,
+            "declared_layers": _layers(assistant_config), "tensors": sum(len(read_header(f)) for f in files),
+            "files": [f"{BUNDLED_ASSISTANT_DIR}/{f.name}" for f in files],
+            "problem": _assistant_problem(assistant_config, config)}
+
+
+def _layers(config: Dict[str, Any]) -> int:
+    return int((config.get("text_config") or config).get("num_hidden_layers", 0) or 0)
+
+
+def _assistant_problem(assistant: Dict[str, Any], target: Dict[str, Any]) -> Optional[str]:
+    """What the configs alone show against pairing (the full check runs at load)."""
+    text = target.get("text_config", target)
+    want, have = assistant.get("backbone_hidden_size"), text.get("hidden_size")
+    if want and have and int(want) != int(have):
+        return f"the assistant was trained for hidden size {want} but the target's is {have}"
+    a_vocab, t_vocab = (assistant.get("text_config") or {}).get("vocab_size"), text.get("vocab_size")
+    if a_vocab and t_vocab and int(a_vocab) != int(t_vocab):
+        return f"vocabularies differ: assistant {a_vocab}, target {t_vocab}"
+    return None
 
 
 def _norm_means(path: Path, tensors: Dict[str, Tuple[str, List[int], str]]) -> Dict[str, float]:
@@ -126,9 +269,12 @@ def _norm_means(path: Path, tensors: Dict[str, Tuple[str, List[int], str]]) -> D
     for k in keys[:16]:
         by_file[tensors[k][2]].append(k)
     for fname, ks in by_file.items():
-        arrays = mx.load(str(path / fname))
-        for k in ks:
-            out[k] = float(mx.mean(arrays[k].astype(mx.float32)).item())
+        try:
+            arrays = mx.load(str(path / fname))
+            for k in ks:
+                out[k] = float(mx.mean(arrays[k].astype(mx.float32)).item())
+        except RuntimeError as e:  # damage the header check cannot see
+            raise CheckpointError(f"{path / fname}: cannot read (corrupt or truncated?): {e}") from e
     return out
 
 
@@ -171,7 +317,8 @@ def _tokenizer_warnings(path: Path, config: Dict[str, Any]) -> List[str]:
 
 
 def _inspect_gguf(path: Path) -> Dict[str, Any]:
-    from .gguf import SUPPORTED_ARCHS, metadata, open_gguf
+    from .gguf import SUPPORTED_ARCHS, metadata, mtp_only_layout, open_gguf
+    from .gguf.mtp_split import USE_AS_DRAFTER
 
     reader = open_gguf(path)
     meta = metadata(reader)
@@ -201,12 +348,17 @@ def _inspect_gguf(path: Path) -> Dict[str, Any]:
     emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if emb is not None and tokens and len(tokens) > int(emb.shape[1]):
         warnings.append(f"the tokenizer has {len(tokens)} tokens but the embedding has {int(emb.shape[1])} rows")
+    split = mtp_only_layout(meta, [t.name for t in reader.tensors])  # llama.cpp's mtp-*.gguf
+    if split:
+        warnings.append(f"this is a {split}, not a model: {USE_AS_DRAFTER}")
     return {
         "path": str(path),
         "kind": "gguf",
         "architecture": arch,
-        "layout": ("llama.cpp GGUF (norms stored unshifted, as in HF)" if str(arch).startswith("gemma4")
-                   else "llama.cpp GGUF (norms already offset)"),
+        "context_length": int(meta.get(f"{arch}.context_length", 0) or 0) or None,
+        "layout": split or ("llama.cpp GGUF (norms stored unshifted, as in HF)" if str(arch).startswith("gemma4")
+                            else "llama.cpp GGUF (norms already offset)"),
+        "drafter_only": bool(split),
         "parameters": params,
         "quantization": {k: sorted(v) for k, v in sorted(quant.items())},
         "drafter": {"present": bool(head), "kind": "mtp" if head else None, "declared_layers": declared,
@@ -219,20 +371,45 @@ def _inspect_gguf(path: Path) -> Dict[str, Any]:
 def _compatibility(report: Dict[str, Any], drafter: Optional[str]) -> Optional[Dict[str, Any]]:
     if drafter is None:
         return None
+    if report.get("drafter_only"):
+        from .gguf.mtp_split import USE_AS_DRAFTER
+
+        return {"drafter": drafter, "ok": False, "reason": f"an MTP-only drafter file is not a model: {USE_AS_DRAFTER}"}
+    if report.get("missing_tensors"):  # strict loading refuses the checkpoint whatever the drafter
+        return {"drafter": drafter, "ok": False,
+                "reason": f"the checkpoint does not load: {len(report['missing_tensors'])} tensors are missing"}
     present = report["drafter"]["present"]
     if drafter == "none":
         return {"drafter": drafter, "ok": True, "reason": "plain decoding"}
+    bundled = report["drafter"].get("bundled")
+    if drafter == "auto" and bundled:
+        problem = report["drafter"]["problem"]
+        return {"drafter": drafter, "ok": not problem, "reason": problem or "drafts with the bundled assistant/"}
     if drafter in ("auto", "mtp"):
-        if present:
+        if present and not bundled:
             return {"drafter": drafter, "ok": True, "reason": "drafts with the built-in MTP head"}
         return {"drafter": drafter, "ok": drafter == "auto",
                 "reason": "no usable MTP head" + ("; auto falls back to plain decoding" if drafter == "auto" else "")}
+    from .assistant import ASSISTANT_MODE, LOOKUP_SUFFIX, drafter_problem  # refuses what generate refuses
+
+    problem = drafter_problem(drafter)
+    if not problem and (drafter == "ngram" or drafter.endswith(LOOKUP_SUFFIX)):
+        return _lookup_compatibility(report, drafter, ASSISTANT_MODE, LOOKUP_SUFFIX)
+    if problem:
+        return {"drafter": drafter, "ok": False, "reason": problem}
     # a separate drafter model (a Gemma 4 assistant)
     try:
         other = inspect_path(drafter)
     except Exception as e:
         return {"drafter": drafter, "ok": False, "reason": f"cannot read the drafter: {e}"}
     arch = str(other.get("architecture") or "")
+    if other.get("drafter_only"):  # a split MTP head (mtp-*.gguf)
+        from .gguf.mtp_split import fits_target
+
+        ok = fits_target(arch, str(report.get("architecture", "")))
+        return {"drafter": drafter, "ok": ok,
+                "reason": f"a {arch} MTP head for a {report.get('architecture')} target" if ok else
+                f"a {arch} MTP head needs a {arch} target, not {report.get('architecture')}"}
     if "assistant" not in arch:
         return {"drafter": drafter, "ok": False,
                 "reason": f"{drafter} is a {arch or 'unknown'} model, not a drafter (assistant) checkpoint"}
@@ -242,17 +419,48 @@ def _compatibility(report: Dict[str, Any], drafter: Optional[str]) -> Optional[D
             f"a {arch} drafter needs a Gemma 4 target, not {report.get('architecture')}"}
 
 
+def _lookup_compatibility(report: Dict[str, Any], drafter: str, assistant: str, suffix: str) -> Dict[str, Any]:
+    """Prompt lookup (`ngram`, `X+ngram`): needs caches that roll back, and X as for X alone."""
+    from .mlx_lm_fallback import rollback_problem_for
+    from .safetensors import read_config
+
+    try:
+        problem = None if report["kind"] == "gguf" else rollback_problem_for(read_config(Path(report["path"])))
+    except Exception as e:  # the model class would not even build from its config
+        problem = f"cannot build the model to look at its cache: {e}"
+    if problem:
+        return {"drafter": drafter, "ok": False, "reason": f"cannot draft with this model: {problem}"}
+    if drafter == "ngram":
+        return {"drafter": drafter, "ok": True, "reason": "drafts by prompt lookup (no drafter model)"}
+    model = drafter[: -len(suffix)]
+    if model == assistant and not report["drafter"].get("bundled"):
+        return {"drafter": drafter, "ok": False, "reason": f"no bundled {assistant}/ folder to draft with"}
+    inner = _compatibility(report, "auto" if model == assistant else model)
+    return {"drafter": drafter, "ok": inner["ok"],
+            "reason": f"prompt lookup where the text repeats, else: {inner['reason']}"}
+
+
 def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**29 else f"{n / 2**20:.1f} MiB"
 
 
+def _context(n: Optional[int]) -> str:
+    return f"{n:,} tokens (max_position_embeddings)" if n else "unknown (the config gives none)"
+
+
 def format_report(report: Dict[str, Any]) -> str:
     lines = [f"{report['path']}", f"  architecture  {report['architecture']} ({report['kind']}, {report['layout']})",
+             *([f"  loader        {report['loader']}"] if report.get("loader", OUR_LOADER) != OUR_LOADER else []),
+             f"  context       {_context(report.get('context_length'))}",
              f"  parameters    {report['parameters'] / 1e6:.2f} M",
              f"  memory        {_size(report['memory_bytes'])} (weights as stored; add the KV cache)"]
     d = report["drafter"]
-    lines.append("  drafter       " + (f"{d['kind']} head, {d['declared_layers']} layer(s), {d['tensors']} tensors"
+    where = f" from {', '.join(d['files'])}" if d.get("files") else ""
+    kind = f"bundled {d['kind']}" if d.get("bundled") else f"{d['kind']} head"
+    lines.append("  drafter       " + (f"{kind}, {d['declared_layers']} layer(s), {d['tensors']} tensors{where}"
                                       if d["present"] else "none"))
+    if "verified" in report:
+        lines.append(f"  verified      {report['verified']} tensors read, no NaN or Inf")
     lines.append("  quantization")
     for comp, kinds in report["quantization"].items():
         lines.append(f"    {comp:<17} {', '.join(kinds)}")

@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import load_model
 
+from ..models.experts import fit_experts_to_device
+from ..models.qwen3_5 import _MTP_KEY, SideHead, split_head
 from ..models.registry import UnsupportedArchitectureError, model_classes
+
+#: Shards mlx-lm's `load_model` reads; anything else in the directory it never sees.
+SHARD_GLOB = "model*.safetensors"
+#: Where MTP heads shipped beside the trunk live: `mtp.safetensors`, or
+#: `mtp-00001-of-00002.safetensors` with its own `mtp.safetensors.index.json`.
+HEAD_GLOB = "mtp*.safetensors"
+HEAD_INDEXES = ("model.safetensors.index.json", "mtp.safetensors.index.json")
+
 
 class CheckpointError(ValueError):
     pass
@@ -70,15 +80,79 @@ def materialize(model: nn.Module, label: str, batch_bytes: int = 256 << 20) -> N
         bar.update(size)
 
 
+def side_head_files(path: Path, config: Dict[str, Any]) -> List[Path]:
+    """Safetensors files beside the trunk that hold an MTP head but that
+    mlx-lm's `model*.safetensors` glob misses: `mtp*.safetensors`, a file an
+    index maps `mtp.*` tensors to, and MTPLX's `mlx_lm_extra_tensors.mtp_file`."""
+    names = {p.name for p in path.glob(HEAD_GLOB)}
+    for index in HEAD_INDEXES:
+        names |= {f for k, f in _weight_map(path / index).items() if _MTP_KEY.match(k)}
+    extra = config.get("mlx_lm_extra_tensors")
+    if isinstance(extra, dict) and extra.get("mtp_file"):
+        names.add(str(extra["mtp_file"]))
+    shards = {p.name for p in path.glob(SHARD_GLOB)}
+    return [path / n for n in sorted(names - shards) if (path / n).is_file()]
+
+
+def _weight_map(index: Path) -> Dict[str, str]:
+    """An index's tensor -> file map; {} when there is no readable one (mlx-lm
+    never reads the index, so a broken one costs only the side-file lookup)."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in weight_map.items()} if isinstance(weight_map, dict) else {}
+
+
+def read_side_head(path: Path, config: Dict[str, Any]) -> Optional[SideHead]:
+    """The `SideHead` in the files `side_head_files` names (None if none)."""
+    files = side_head_files(path, config)
+    weights: Dict[str, mx.array] = {}
+    for f in files:
+        head, _ = split_head(mx.load(str(f)))  # head tensors only: a side file adds nothing else
+        weights.update(head)
+    return SideHead(weights, tuple(str(f.relative_to(path)) for f in files)) if weights else None
+
+
+def _classes_with_side_head(side: SideHead) -> Callable[[Dict[str, Any]], Tuple[Any, Any]]:
+    """`get_model_classes` for mlx-lm's `load_model` that hands the model its
+    side-file head before `load_model` calls `sanitize` (the only hook it has)."""
+
+    def get_classes(config: Dict[str, Any]):
+        model_class, args_class = checked_model_classes(config)
+
+        def build(args):
+            model = model_class(args)
+            if hasattr(model, "side_head"):
+                model.side_head = side
+            return model
+
+        return build, args_class
+
+    return get_classes
+
+
 def load_target(path: Path, lazy: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
     config = read_config(path)
+    from .mlx_lm_fallback import is_ours, load_mlx_lm_target
+
+    if not is_ours(config):  # any other architecture mlx-lm loads: a target for prompt lookup
+        return load_mlx_lm_target(path, config, lazy=lazy)
     checked_model_classes(config)  # fail early with a clear message
-    shards = sorted(path.glob("model*.safetensors"))
+    shards = sorted(path.glob(SHARD_GLOB))
     if not shards:
         raise CheckpointError(f"no model*.safetensors files in {path}")
     try:
         # Load lazily, then read the weights in batches under a progress bar.
-        model, config = load_model(path, lazy=True, get_model_classes=checked_model_classes)
+        from .fp8 import is_fp8, load_fp8_model
+
+        if is_fp8(config):  # mlx-lm reads these as raw bytes: decode them ourselves
+            model = load_fp8_model(path, config)
+        else:
+            side = read_side_head(path, config)
+            classes = _classes_with_side_head(side) if side else checked_model_classes
+            model, config = load_model(path, lazy=True, get_model_classes=classes)
+        fit_experts_to_device(model)
         if not lazy:
             materialize(model, path.name)
     except CheckpointError:

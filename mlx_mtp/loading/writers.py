@@ -81,18 +81,20 @@ def hf_target_weights(model, layout: str) -> Dict[str, mx.array]:
     """mlx-lm names -> HF names (fused expert tensors; text or multimodal)."""
     flat = dict(tree_flatten(model.parameters()))
     out: Dict[str, mx.array] = {}
-    for name, value in flat.items():
-        name = name.removeprefix("language_model.")
+    for key, value in flat.items():
+        name = key.removeprefix("language_model.")
+        # Multimodal repos (26B-A4B included) nest every text tensor, experts
+        # too, under `model.language_model.`.
+        if layout == "gemma4" and name.startswith("model."):
+            name = "model.language_model." + name[len("model.") :]
         if ".experts.switch_glu." in name:
             base, rest = name.split(".switch_glu.")
             if rest.startswith("down_proj"):
                 out[f"{base}.down_proj"] = value
             elif rest.startswith("gate_proj"):
-                up = flat[[k for k in flat if k.endswith(f"{base}.switch_glu.up_proj.weight")][0]]
+                up = flat[key.replace(".switch_glu.gate_proj.", ".switch_glu.up_proj.")]
                 out[f"{base}.gate_up_proj"] = mx.concatenate([value, up], axis=-2)
             continue
-        if layout == "gemma4" and name.startswith("model."):
-            name = "model.language_model." + name[len("model.") :]
         out[name] = value
     return out
 

@@ -53,6 +53,12 @@ class Target(Protocol):
     def vocab_size(self) -> int: ...
 
 
+def architecture(model: Any) -> str:
+    """The model's architecture as users know it: config.json's model_type
+    (mlx-lm's model classes keep it), not our Python class name."""
+    return str(getattr(model, "model_type", None) or type(model).__name__)
+
+
 def has_builtin_head(target: Any) -> bool:
     """True when the checkpoint carries a loaded MTP head."""
     return bool(getattr(target, "has_mtp", False))

@@ -6,8 +6,9 @@ We add:
 - `SlidingWindowCache`: mlx-lm uses a RotatingKVCache for sliding layers, and
   once that has overwritten an entry it cannot be trimmed back. This cache
   keeps its rows in temporal order, drops old rows only in batches and always
-  keeps `window - 1 + slack` rows besides the newest pass, so trimming the
-  newest pass back (a rejected draft) is exact at every context length.
+  keeps `window + 1 + slack` rows besides the newest pass, so trimming the
+  newest pass back (a rejected draft) is exact at every context length, for
+  the target and for the assistant that reads the cache.
 - `hidden` / `logits` / `embed` for the engine, and `shared_kv(cache)`: views
   of the KV the assistant drafter attends to (docs/gemma4-assistant.md#the-kv-it-reads), read
   from the cache objects themselves, nothing copied.
@@ -22,7 +23,8 @@ from mlx_lm.models import gemma4 as lm_gemma4
 from mlx_lm.models import gemma4_text as lm_gemma4_text
 from mlx_lm.models.cache import KVCache, _BaseCache
 
-from .base import FULL, SLIDING
+from .base import FULL
+from .gemma4_assistant import sliding_keys as assistant_sliding_keys
 
 
 class SlidingWindowCache(_BaseCache):
@@ -30,7 +32,7 @@ class SlidingWindowCache(_BaseCache):
 
     Rows are kept in temporal order; `start` is the absolute position of row 0
     and `offset` the number of tokens seen. When the buffer is full, rows older
-    than the newest `window - 1 + slack` are dropped in one go (amortised), so a
+    than the newest `history + slack` are dropped in one go (amortised), so a
     trim of up to the newest pass plus `slack` tokens never loses a key that a
     later query can see."""
 
@@ -38,6 +40,10 @@ class SlidingWindowCache(_BaseCache):
 
     def __init__(self, window: int, slack: int = 16):
         self.window, self.slack = int(window), int(slack)
+        # Keys before the next position that a later reader needs: the
+        # target's next query sees W - 1 of them (and itself), an assistant
+        # round at that position W + 1 (docs/gemma4-assistant.md#the-kv-it-reads).
+        self.history = max(self.window - 1, assistant_sliding_keys(self.window))
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.offset = 0
@@ -51,7 +57,7 @@ class SlidingWindowCache(_BaseCache):
         """(rows to drop, whether to reallocate) before appending `num_new`."""
         if self.keys is not None and self.rows + num_new <= self.keys.shape[2]:
             return 0, False
-        retain = min(self.rows, self.window - 1 + self.slack)
+        retain = min(self.rows, self.history + self.slack)
         return self.rows - retain, True
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
@@ -92,7 +98,7 @@ class SlidingWindowCache(_BaseCache):
     def trim(self, n: int) -> int:
         n = min(self.rows, n)
         self.offset -= n
-        if self.start > max(0, self.offset - (self.window - 1)):
+        if self.start > max(0, self.offset - self.history):
             raise RuntimeError(
                 f"sliding-window cache trimmed past its slack ({self.slack}): rollback would be inexact"
             )
@@ -224,5 +230,18 @@ class TextModel(_Gemma4Target, lm_gemma4_text.Model):
         return super().sanitize(weights)
 
 
-ModelArgs = lm_gemma4.ModelArgs
+class ModelArgs(lm_gemma4.ModelArgs):
+    """mlx-lm's multimodal args, reading the vocabulary where released
+    configs keep it. Their config.json has `vocab_size` only in text_config;
+    mlx-lm's args default the top-level one to 262144 and copy it down over
+    the text config's, which is wrong for any other vocabulary."""
+
+    @classmethod
+    def from_dict(cls, params: Dict[str, Any]) -> "ModelArgs":
+        text_vocab = (params.get("text_config") or {}).get("vocab_size")
+        if "vocab_size" not in params and text_vocab is not None:
+            params = {**params, "vocab_size": text_vocab}
+        return super().from_dict(params)
+
+
 TextModelArgs = lm_gemma4_text.ModelArgs

@@ -15,17 +15,29 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import gemma4_text as lm_gemma4_text
 
-from .base import FULL, SLIDING  # noqa: F401  (re-exported for drafters)
+from .base import FULL, SLIDING, architecture  # noqa: F401  (FULL, SLIDING re-exported for drafters)
 
 
 class AssistantError(ValueError):
     """A drafter checkpoint that cannot be loaded or paired (one-line reason)."""
+
+
+def sliding_keys(window: int) -> int:
+    """How many of the target's newest keys before the round's position p an
+    assistant sliding layer sees: W + 1, i.e. positions p - W - 1 .. p - 1.
+
+    transformers (Gemma4AssistantForCausalLM.create_attention_masks) masks
+    these layers with the bidirectional |q - k| <= W over the target's KV,
+    flipped to look back, so its one query sees the last W + 1 keys. The
+    target's own sliding layers differ: a query there sees W keys, itself
+    included (docs/gemma4-assistant.md#the-kv-it-reads)."""
+    return window + 1
 
 
 @dataclass
@@ -130,17 +142,22 @@ class Gemma4Assistant(nn.Module):
         embedding: mx.array,
         state: mx.array,
         shared_kv: Dict[str, Tuple[mx.array, mx.array]],
-        position: int,
+        position: Union[int, mx.array],
+        mask: Optional[Dict[str, mx.array]] = None,
     ) -> Tuple[mx.array, mx.array]:
         """embedding [1, L, B] (scaled target embedding), state [1, L, B] ->
         (y [1, L, h] after the final norm, next state [1, L, B]).
 
         shared_kv: layer type -> (keys, values) [1, kv_heads, S, D] that the
-        queries see in full (the caller slices the sliding window)."""
+        queries see in full (the caller slices the sliding layer's last
+        `sliding_keys(W)` keys). A batch of rows (docs/batching.md) passes
+        [R, ...] arrays, `position` [R] and per layer type a boolean `mask`
+        [R, 1, 1, S] of the keys each row sees instead."""
         dtype = self.model.norm.weight.dtype  # norms are never quantized
         x = self.pre_projection(mx.concatenate([embedding.astype(dtype), state.astype(dtype)], axis=-1))
         for layer in self.model.layers:
-            x, _, _ = layer(x, None, None, shared_kv=shared_kv[layer.layer_type], offset=position)
+            visible = mask.get(layer.layer_type) if mask else None
+            x, _, _ = layer(x, visible, None, shared_kv=shared_kv[layer.layer_type], offset=position)
         y = self.model.norm(x)
         return y, self.post_projection(y)
 
@@ -206,7 +223,7 @@ def quantize(model: Gemma4Assistant, bits: int = 8, group_size: int = 64, mode: 
 def compatibility_problem(target: Any, assistant: Gemma4Assistant) -> Optional[str]:
     """None when `assistant` can draft for `target`, else a one-line reason."""
     if not hasattr(target, "shared_kv"):
-        return f"a Gemma 4 assistant drafts only for Gemma 4 targets, not {type(target).__name__}"
+        return f"a Gemma 4 assistant drafts only for Gemma 4 targets, not {architecture(target)}"
     a = assistant.args
     if a.backbone_hidden_size != target.hidden_size:
         return (

@@ -9,7 +9,8 @@ The trunk is mlx-lm's own `qwen3_5` / `qwen3_5_moe` model. We add:
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,21 +57,44 @@ class MTPHead(nn.Module):
         return [KVCache() for _ in self.layers]
 
 
-def _sanitize_mtp(weights: Dict[str, mx.array], raw_checkpoint: bool) -> Dict[str, mx.array]:
-    """Head weights without the `mtp.` prefix -> module layout."""
+# One tensor per expert (Qwen3-Next, and the FP8 / GPTQ exports of Qwen3.5-MoE):
+# `<prefix>.mlp.experts.<e>.<proj>.<leaf>` for any prefix, head or trunk.
+_PER_EXPERT_KEY = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
+
+
+def stack_experts(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Per-expert tensors -> mlx-lm's stacked `<prefix>.mlp.switch_mlp.<proj>.<leaf>`
+    (`[E, ...]`, experts in index order); every other key passes through."""
     out: Dict[str, mx.array] = {}
     experts: Dict[str, Dict[int, mx.array]] = {}
     for key, value in weights.items():
+        m = _PER_EXPERT_KEY.match(key)
+        if m:
+            experts.setdefault(f"{m.group(1)}.switch_mlp.{m.group(3)}.{m.group(4)}", {})[int(m.group(2))] = value
+        else:
+            out[key] = value
+    for key, per_expert in experts.items():
+        out[key] = mx.stack([per_expert[e] for e in sorted(per_expert)])
+    return out
+
+
+def zero_centred_norms(head: Dict[str, mx.array]) -> bool:
+    """Whether a head's norm weights look zero-centred (raw HF), judged from
+    their mean magnitude: used when no trunk conv1d can tell (docs/mtp-head.md#norm-shift)."""
+    norms = [mx.abs(v.astype(mx.float32)).mean() for k, v in head.items() if "norm" in k and v.ndim == 1]
+    return bool(norms) and float(mx.mean(mx.stack(norms)).item()) < 0.5
+
+
+def _sanitize_mtp(weights: Dict[str, mx.array], raw_checkpoint: bool) -> Dict[str, mx.array]:
+    """Head weights without the `mtp.` prefix -> module layout."""
+    out: Dict[str, mx.array] = {}
+    for key, value in stack_experts(weights).items():
         # Raw HF norms are zero-centred; shift exactly once, like the trunk.
         # (pre_fc_norm_embedding / pre_fc_norm_hidden / norm / q_norm / k_norm /
         # input_layernorm / post_attention_layernorm: every 1-D "*norm*" weight.)
         module = key.rsplit(".", 2)[-2] if key.count(".") else ""
         if raw_checkpoint and "norm" in module and key.endswith(".weight") and value.ndim == 1:
             value = value + 1.0
-        m = re.match(r"^(layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key)
-        if m:  # Qwen3-Next style: one tensor per expert -> stack.
-            experts.setdefault(f"{m.group(1)}.switch_mlp.{m.group(3)}.weight", {})[int(m.group(2))] = value
-            continue
         m = re.match(r"^(layers\.\d+\.mlp)\.experts\.(gate_up_proj|down_proj)$", key)
         if m:  # Qwen3.5-MoE fused experts: gate_up [E, 2I, H] splits on axis -2.
             prefix = f"{m.group(1)}.switch_mlp"
@@ -82,9 +106,28 @@ def _sanitize_mtp(weights: Dict[str, mx.array], raw_checkpoint: bool) -> Dict[st
                 out[f"{prefix}.down_proj.weight"] = value
             continue
         out[key] = value
-    for key, per_expert in experts.items():
-        out[key] = mx.stack([per_expert[e] for e in sorted(per_expert)])
     return out
+
+
+def split_head(weights: Dict[str, mx.array]) -> Tuple[Dict[str, mx.array], Dict[str, mx.array]]:
+    """(head tensors keyed without their `mtp.` prefix, everything else)."""
+    head, rest = {}, {}
+    for key, value in weights.items():
+        m = _MTP_KEY.match(key)
+        if m:
+            head[m.group(1)] = value
+        else:
+            rest[key] = value
+    return head, rest
+
+
+@dataclass(frozen=True)
+class SideHead:
+    """MTP head tensors read from files beside the trunk (`mtp.safetensors`),
+    keyed without their `mtp.` prefix; `files` names where they came from."""
+
+    weights: Dict[str, mx.array]
+    files: Tuple[str, ...]
 
 
 class _MTPMixin:
@@ -95,6 +138,9 @@ class _MTPMixin:
         self.declared_mtp_layers = int(args.text_config.get("mtp_num_hidden_layers", 0) or 0)
         # Why the head is unusable, if it is (None when the head loaded).
         self.mtp_problem: Optional[str] = None
+        # A head shipped in its own file beside the trunk; the loader sets it
+        # before mlx-lm calls `sanitize` (loading/safetensors.py).
+        self.side_head: Optional[SideHead] = None
         if self.declared_mtp_layers > 0:
             self.mtp = MTPHead(text_args, self.declared_mtp_layers)
         enable_recurrent_rollback(self)
@@ -104,15 +150,18 @@ class _MTPMixin:
         return "mtp" in self
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        head, trunk = {}, {}
-        for key, value in weights.items():
-            m = _MTP_KEY.match(key)
-            if m:
-                head[m.group(1)] = value
-            else:
-                trunk[key] = value
+        head, trunk = split_head(weights)
         raw = any("conv1d.weight" in k and v.shape[-1] != 1 for k, v in trunk.items())
-        trunk = super().sanitize(trunk)
+        head_raw = raw
+        if not head and self.side_head is not None:
+            head = self.side_head.weights
+            # Side files are often the raw HF head copied next to a converted
+            # (already shifted) trunk, so the trunk cannot vouch for them.
+            head_raw = raw or zero_centred_norms(head)
+        self.side_head = None  # consumed; kept, it would hold the unsanitized tensors in memory
+        # mlx-lm stacks only the fused Qwen3.5-MoE experts; per-expert exports
+        # are stacked here into the same layout.
+        trunk = super().sanitize(stack_experts(trunk))
         if self.declared_mtp_layers > 0 and not head:
             self.mtp_problem = (
                 f"config declares mtp_num_hidden_layers={self.declared_mtp_layers} but the "
@@ -125,7 +174,7 @@ class _MTPMixin:
                 "head (mtp_num_hidden_layers is missing or 0)"
             )
         elif head:
-            for key, value in _sanitize_mtp(head, raw).items():
+            for key, value in _sanitize_mtp(head, head_raw).items():
                 trunk[f"mtp.{key}"] = value
         elif self.declared_mtp_layers == 0:
             self.mtp_problem = "this checkpoint has no MTP head (no mtp.* weights, none declared)"

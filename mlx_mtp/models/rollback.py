@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import ArraysCache, KVCache
+from mlx_lm.models.cache import ArraysCache, CacheList, ChunkedKVCache, KVCache, RotatingKVCache
 from mlx_lm.models.gated_delta import gated_delta_update, normalize_qk
 from mlx_lm.models.qwen3_5 import GatedDeltaNet
 
@@ -125,6 +125,27 @@ def rollback(cache: List[Any], num_verified: int, num_keep: int) -> None:
             if not c.is_trimmable():
                 raise TypeError(f"cache {type(c).__name__} cannot be rolled back")
             c.trim(drop)
+
+
+#: mlx-lm caches that trim while they are young but not at every length:
+#: a RotatingKVCache overwrites its oldest entries once its window is full,
+#: a ChunkedKVCache drops its front at chunk boundaries.
+_TRIMMABLE_FOR_A_WHILE = (RotatingKVCache, ChunkedKVCache)
+
+
+def rollback_problem(cache: List[Any]) -> Optional[str]:
+    """Why `rollback` cannot restore every entry of this fresh cache to any
+    verified prefix at every length (None when it can): every entry must
+    record (RecurrentCache) or trim exactly (KVCache and the like)."""
+    for c in cache:
+        inner = c.caches if isinstance(c, CacheList) else [c]
+        for entry in inner:
+            name = type(entry).__name__
+            if isinstance(entry, _TRIMMABLE_FOR_A_WHILE):
+                return f"its {name} layers cannot roll back a draft once their window is full"
+            if not isinstance(entry, RecurrentCache) and not entry.is_trimmable():
+                return f"its {name} layers cannot roll back a draft (they cannot be trimmed)"
+    return None
 
 
 def trim_cache(cache: List[Any], num_tokens: int) -> None:

@@ -61,10 +61,25 @@ def text_config(moe: bool = False, mtp_layers: int = 1, **overrides) -> dict:
             "rope_theta": 10000.0,
             "partial_rotary_factor": 0.25,
             "mrope_section": [1, 1, 0],
+            "mrope_interleaved": True,
         },
         "mtp_num_hidden_layers": mtp_layers,
         "mtp_use_dedicated_embeddings": False,
-        "eos_token_id": 1,
+        # Fields the released configs carry that mlx-lm ignores or derives
+        # otherwise: it reads the rotary factor from rope_parameters and the
+        # layer pattern from full_attention_interval. No eos_token_id: some
+        # released repos have it only in generation_config.json, which
+        # mlx-lm's load_config merges (write_model_dir writes that file).
+        "partial_rotary_factor": 0.25,
+        "attn_output_gate": True,
+        "output_gate_type": "swish",
+        "mamba_ssm_dtype": "float32",
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "pad_token_id": None,
     }
     if moe:
         cfg.update(
@@ -74,18 +89,50 @@ def text_config(moe: bool = False, mtp_layers: int = 1, **overrides) -> dict:
             shared_expert_intermediate_size=48,
             decoder_sparse_step=1,
             norm_topk_prob=True,
+            router_aux_loss_coef=0.001,
+            output_router_logits=False,
         )
     cfg.update(overrides)
+    if "layer_types" not in overrides:
+        cfg["layer_types"] = layer_types(cfg["num_hidden_layers"], cfg["full_attention_interval"])
     return cfg
 
 
+def layer_types(num_layers: int, full_attention_interval: int) -> list:
+    """The per-layer `layer_types` list a released config spells out: every
+    `full_attention_interval`-th layer is full attention."""
+    return ["linear_attention" if (i + 1) % full_attention_interval else "full_attention" for i in range(num_layers)]
+
+
+#: A tiny Qwen3.5 vision tower config (real field names); `vision_weights`
+#: writes its tensors, which every text loader must drop.
+VISION_CONFIG = {
+    "model_type": "qwen3_5",
+    "depth": 1,
+    "hidden_size": 32,
+    "hidden_act": "gelu_pytorch_tanh",
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "in_channels": 3,
+    "patch_size": 4,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "out_hidden_size": 64,
+    "num_position_embeddings": 16,
+    "initializer_range": 0.02,
+}
+
+
 def hf_config(moe: bool = False, mtp_layers: int = 1, **overrides) -> dict:
-    """Multimodal-style config as in the released Qwen3.5 repos."""
+    """Multimodal-style config as in the released Qwen3.5 repos (vision
+    tower included; EOS only in generation_config.json)."""
+    text = text_config(moe, mtp_layers, **overrides)
     return {
         "model_type": "qwen3_5_moe" if moe else "qwen3_5",
         "architectures": ["Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"],
-        "text_config": text_config(moe, mtp_layers, **overrides),
-        "eos_token_id": 1,
+        "text_config": text,
+        "vision_config": copy.deepcopy(VISION_CONFIG),
+        "tie_word_embeddings": text["tie_word_embeddings"],
     }
 
 
@@ -232,20 +279,96 @@ def write_tokenizer(path: Path) -> Path:
 
 
 def write_model_dir(path: Path, drop_mtp: bool = False, seed: int = 0, config: Optional[dict] = None,
-                    noise: float = 1.6, random_head: bool = False) -> Path:
-    """A complete model directory: raw HF safetensors + tokenizer.
+                    noise: float = 1.6, random_head: bool = False, *, real_layout: bool = False) -> Path:
+    """A complete model directory: raw HF safetensors + tokenizer +
+    generation_config.json (which alone carries the EOS id, as released).
 
     By default tiny; predictable=True with noise=1.6 gives roughly 50% draft
     acceptance. `config`: another text config (e.g. `bandwidth_config()`),
-    nested the way released Qwen3.5 repos are."""
+    nested the way released Qwen3.5 repos are. `real_layout=True` stores
+    the weights as those repos do (`publish_layout`); the default keeps one
+    float32 `model.safetensors`."""
     if config is None:
         config = hf_config()
     elif "text_config" not in config:
         config = {**hf_config(), "text_config": config}
     model = build(config, seed=seed, predictable=True, noise=noise, random_head=random_head)
     save_hf_checkpoint(model, Path(path), config, raw=True, drop_mtp=drop_mtp)
+    if real_layout:
+        publish_layout(Path(path), config, seed=seed)
+    (Path(path) / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=1))
     write_tokenizer(path)
     return Path(path)
+
+
+# --- the released repos' storage layout ---------------------------------------
+
+#: generation_config.json of the tiny models: the only place their EOS id is.
+GENERATION_CONFIG = {"eos_token_id": [EOS_TOKEN_ID], "pad_token_id": 0, "do_sample": False}
+#: Released Qwen3.5 repos name their shards like this, always with an index.
+SHARD_NAME = "model.safetensors-{:05d}-of-{:05d}.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+#: What Qwen3.5's bf16 checkpoints keep in float32 (Qwen3.6 stores them in bf16).
+FLOAT32_TENSORS = ("linear_attn.A_log", "linear_attn.norm.weight")
+
+
+def publish_layout(path: Path, config: dict, shards: int = 2, seed: int = 0) -> Path:
+    """Rewrite the one-file raw HF checkpoint in `path` the way the released
+    Qwen3.5 repos store theirs: bf16 with `FLOAT32_TENSORS` in float32, the
+    vision tower's `model.visual.*` tensors beside the text ones, `shards`
+    files named `SHARD_NAME` plus the index, and `dtype` in config.json."""
+    path = Path(path)
+    weights = {k: v.astype(mx.float32 if k.endswith(FLOAT32_TENSORS) else mx.bfloat16)
+               for k, v in mx.load(str(path / "model.safetensors")).items()}
+    weights.update(vision_weights(config.get("vision_config") or VISION_CONFIG, seed))
+    write_shards(path, weights, shards)
+    (path / "model.safetensors").unlink()  # after: the lazy arrays above read it
+    config = {**config, "text_config": {**config["text_config"], "dtype": "bfloat16"}}
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    return path
+
+
+def write_shards(path: Path, weights: Dict[str, mx.array], shards: int, name: str = SHARD_NAME,
+                 index: str = INDEX_NAME) -> Dict[str, str]:
+    """`weights` in `shards` files (sorted names, about as many per file)
+    plus the HF index; returns its weight_map."""
+    names = sorted(weights)
+    per_file = -(-len(names) // shards)
+    weight_map: Dict[str, str] = {}
+    for i in range(shards):
+        fname = name.format(i + 1, shards)
+        part = {k: weights[k] for k in names[i * per_file : (i + 1) * per_file]}
+        mx.save_safetensors(str(Path(path) / fname), part, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    total = sum(v.nbytes for v in weights.values())
+    (Path(path) / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return weight_map
+
+
+def vision_weights(vision: dict, seed: int = 0) -> Dict[str, mx.array]:
+    """Random bf16 `model.visual.*` tensors of a Qwen3.5 vision tower, named
+    and shaped as in the released checkpoints."""
+    H, I, out = vision["hidden_size"], vision["intermediate_size"], vision["out_hidden_size"]
+    P, T, C = vision["patch_size"], vision["temporal_patch_size"], vision["in_channels"]
+    merged = H * vision["spatial_merge_size"] ** 2
+    shapes = {
+        "patch_embed.proj.weight": (H, C, T, P, P), "patch_embed.proj.bias": (H,),
+        "pos_embed.weight": (vision["num_position_embeddings"], H),
+        "merger.norm.weight": (H,), "merger.norm.bias": (H,),
+        "merger.linear_fc1.weight": (merged, merged), "merger.linear_fc1.bias": (merged,),
+        "merger.linear_fc2.weight": (out, merged), "merger.linear_fc2.bias": (out,),
+    }
+    for i in range(vision["depth"]):
+        b = f"blocks.{i}."
+        shapes.update({
+            b + "norm1.weight": (H,), b + "norm1.bias": (H,), b + "norm2.weight": (H,), b + "norm2.bias": (H,),
+            b + "attn.qkv.weight": (3 * H, H), b + "attn.qkv.bias": (3 * H,),
+            b + "attn.proj.weight": (H, H), b + "attn.proj.bias": (H,),
+            b + "mlp.linear_fc1.weight": (I, H), b + "mlp.linear_fc1.bias": (I,),
+            b + "mlp.linear_fc2.weight": (H, I), b + "mlp.linear_fc2.bias": (H,),
+        })
+    rng = np.random.default_rng(seed + 20_000)
+    return {f"model.visual.{k}": mx.array(0.02 * rng.standard_normal(s), dtype=mx.bfloat16) for k, s in shapes.items()}
 
 
 def main(argv=None) -> None:

@@ -68,6 +68,16 @@ def text_config(kind: str = "e2b", **overrides) -> dict:
         "num_kv_shared_layers": 0,
         "hidden_size_per_layer_input": 0,
         "use_double_wide_mlp": False,
+        # Written out as null where unused, as released: E2B/E4B null all four,
+        # 31B the expert fields; the moe and dense kinds set theirs below.
+        "num_global_key_value_heads": None,
+        "num_experts": None,
+        "top_k_experts": None,
+        "moe_intermediate_size": None,
+        "use_bidirectional_attention": None,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
     }
     if kind == "e2b":
         cfg.update(
@@ -95,13 +105,13 @@ def text_config(kind: str = "e2b", **overrides) -> dict:
 
 
 def hf_config(kind: str = "e2b", **overrides) -> dict:
-    """Multimodal-layout config (`gemma4`) as in the released repos."""
+    """Multimodal-layout config (`gemma4`) as in the released repos: the
+    vocabulary is in text_config only (no top-level `vocab_size`)."""
     text = text_config(kind, **overrides)
     return {
         "model_type": "gemma4",
         "architectures": ["Gemma4ForConditionalGeneration"],
         "text_config": text,
-        "vocab_size": text["vocab_size"],
         "tie_word_embeddings": text["tie_word_embeddings"],
         "eos_token_id": 1,
     }

@@ -5,7 +5,11 @@ for the MTP head, and the tokenizer in `tokenizer.ggml.*` metadata.
 
 `write_qwen35_gguf` returns the weights as they are stored (dequantized and
 mapped back to our module layout), so a test can save the very same values
-as safetensors and compare.
+as safetensors and compare. Its `layout` writes the converter's three kinds
+of file (checked against llama.cpp 0c1e570's convert_hf_to_gguf.py): the
+whole model, `--no-mtp` (the trunk: no head tensors, block_count without the
+head, no nextn_predict_layers) and `--mtp` (the split head: token_embd,
+output_norm, output and blk.N.*, with the whole model's metadata).
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from mlx.utils import tree_flatten
 from ..loading.gguf import LAYER_NAMES, NEXTN_NAMES, TOP_NAMES, v_head_order
 
 QType = Union[str, Callable[[str, tuple], str]]
+# The converter's runs: plain, --no-mtp, --mtp.
+LAYOUTS = ("full", "no-mtp", "mtp-only")
+# What the converter writes as full_attention_interval whatever the model's:
+# transformers' config.to_dict() has no such key, so its default stays. The
+# per-layer attention.recurrent_layers flags carry the real pattern.
+CONVERTER_ATTENTION_INTERVAL = 4
 
 
 # --- block encoders gguf-py lacks (K-quants) -----------------------------------
@@ -185,18 +195,24 @@ def write_qwen35_gguf(
     qtype: QType = "F32",
     tokenizer: bool = True,
     seed: int = 0,
+    layout: str = "full",
 ) -> Dict[str, np.ndarray]:
     """Write `model` (our Qwen3.5 class, float) as a llama.cpp-style GGUF.
 
     qtype: a GGUF type name for all matrices, or fn(gguf_name, shape) -> name.
-    Returns {module path: stored values mapped back to our layout}."""
+    layout: one of LAYOUTS (the whole model, the trunk, the split head).
+    Returns {module path: stored values mapped back to our layout}, for the
+    tensors written."""
     import gguf
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
 
     pick = default_qtype(qtype) if isinstance(qtype, str) else qtype
     moe = "moe" in text["model_type"]
     arch = "qwen35moe" if moe else "qwen35"
     L = text["num_hidden_layers"]
-    n_mtp = text.get("mtp_num_hidden_layers", 0)
+    n_mtp = 0 if layout == "no-mtp" else text.get("mtp_num_hidden_layers", 0)
     hv, hk = text["linear_num_value_heads"], text["linear_num_key_heads"]
     dv, dk = text["linear_value_head_dim"], text["linear_key_head_dim"]
     key_dim = hk * dk
@@ -225,8 +241,11 @@ def write_qwen35_gguf(
     w.add_uint32(f"{arch}.ssm.group_count", hk)
     w.add_uint32(f"{arch}.ssm.time_step_rank", hv)
     w.add_uint32(f"{arch}.ssm.inner_size", hv * dv)
-    w.add_uint32(f"{arch}.full_attention_interval", text["full_attention_interval"])
-    w.add_uint32(f"{arch}.nextn_predict_layers", n_mtp)
+    interval = text["full_attention_interval"]
+    w.add_array(f"{arch}.attention.recurrent_layers", [(i + 1) % interval != 0 for i in range(L)] + [False] * n_mtp)
+    w.add_uint32(f"{arch}.full_attention_interval", CONVERTER_ATTENTION_INTERVAL)
+    if n_mtp:
+        w.add_uint32(f"{arch}.nextn_predict_layers", n_mtp)
     if moe:
         w.add_uint32(f"{arch}.expert_count", text["num_experts"])
         w.add_uint32(f"{arch}.expert_used_count", text["num_experts_per_tok"])
@@ -241,6 +260,9 @@ def write_qwen35_gguf(
         gname = _gguf_name(name, L)
         if gname is None:
             raise KeyError(name)
+        head = name.startswith("mtp.")
+        if (layout == "no-mtp" and head) or (layout == "mtp-only" and not head and gname not in TOP_NAMES):
+            continue
         # Forward transforms (HF -> GGUF); `undo` maps stored values back.
         undo = lambda a: a  # noqa: E731
         if name.endswith("A_log"):

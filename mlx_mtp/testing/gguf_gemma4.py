@@ -2,8 +2,10 @@
 llama.cpp's converter writes them (docs/gguf.md#gemma4-and-gemma4-assistant): GGUF names, fused
 `ffn_gate_up_exps`, no `attn_v` where K and V are shared, a synthesized
 `rope_freqs`, per-layer metadata arrays, the assistant's `nextn.*`
-projections with its sparse-head tensors dropped, and a SentencePiece-style
-(`gemma4`) tokenizer in `tokenizer.ggml.*` metadata.
+projections with its sparse-head tensors dropped (as llama.cpp 0c1e570's
+converter does) or kept under gguf-py's names (`sparse_head=True`: what a
+converter that keeps them writes), and a SentencePiece-style (`gemma4`)
+tokenizer in `tokenizer.ggml.*` metadata.
 
 The writers return the weights as stored (dequantized, in mlx-lm's module
 layout), so a test can save the same values as safetensors and compare.
@@ -21,7 +23,7 @@ from typing import Dict, List, Optional, Union
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..loading.gguf.gemma4 import ASSISTANT_TOP, FUSED_EXPERTS, LAYER, TOP
+from ..loading.gguf.gemma4 import ASSISTANT_TOP, CENTROIDS, FUSED_EXPERTS, LAYER, ORDERING, TOP
 from ..models.base import FULL, SLIDING
 from .gguf import QType, add_tensor, default_qtype, finish
 GEMMA_VOCAB = 384
@@ -223,10 +225,15 @@ def write_gemma4_gguf(model, text: dict, path: Union[str, Path], qtype: QType = 
 
 def write_assistant_gguf(assistant, config: dict, path: Union[str, Path], qtype: QType = "F32",
                          tokenizer: bool = True, seed: int = 0,
-                         flag_ordered: Optional[bool] = None) -> Dict[str, np.ndarray]:
+                         flag_ordered: Optional[bool] = None, sparse_head: bool = False,
+                         ordering_type: str = "F32") -> Dict[str, np.ndarray]:
     """Write a Gemma4Assistant as a llama.cpp-style `gemma4-assistant` GGUF.
-    The sparse-head tensors are dropped, as converters do; flag_ordered
-    writes `use_ordered_embeddings` (default: the config's value)."""
+    The sparse-head tensors are dropped, as llama.cpp 0c1e570's converter
+    does, unless `sparse_head`: then `masked_embd_centroids.weight` (typed
+    like any matrix) and `masked_embd_ordering` as `ordering_type` (F32 is
+    what the converter's generic path makes of the int64 buffer; I32 some
+    other converters), plus the top-k under `masked_embedding.top_k`.
+    flag_ordered writes `use_ordered_embeddings` (default: the config's value)."""
     import gguf
 
     pick = default_qtype(qtype) if isinstance(qtype, str) else qtype
@@ -244,19 +251,29 @@ def write_assistant_gguf(assistant, config: dict, path: Union[str, Path], qtype:
         write_gemma_tokenizer_metadata(w)
     w.add_tensor("rope_freqs.weight", _rope_freqs(text))
     stored: Dict[str, np.ndarray] = {}
+    if sparse_head:
+        w.add_uint32(f"{arch}.masked_embedding.top_k", config["centroid_intermediate_top_k"])
     for i, (name, value) in enumerate(tree_flatten(assistant.parameters())):
-        if name.startswith("masked_embedding."):
+        if name == "masked_embedding.token_ordering":
+            if sparse_head:
+                ids = np.array(value).astype(np.float32 if ordering_type == "F32" else np.int32)
+                w.add_tensor(ORDERING, ids)
+                stored[name] = np.array(value).astype(np.int32)
+            continue
+        if name.startswith("masked_embedding.") and not sparse_head:
             continue  # dropped by the converter
-        stored[name] = add_tensor(w, _gguf_name(name), np.array(value).astype(np.float32), pick, seed + i)
+        gname = CENTROIDS if name == "masked_embedding.centroids.weight" else _gguf_name(name)
+        stored[name] = add_tensor(w, gname, np.array(value).astype(np.float32), pick, seed + i)
     finish(w)
     return stored
 
 
 def write_pair(path: Union[str, Path], kind: str = "e2b", qtype: QType = "F32", ordered: Optional[bool] = None,
-               seed: int = 0, **overrides):
+               seed: int = 0, sparse_head: bool = False, ordering_type: str = "F32", **overrides):
     """A tiny predictable gemma4 target and its assistant as GGUF files, plus
-    the safetensors directories of the very same (stored) values.
-    Returns (target.gguf, assistant.gguf, target_dir, assistant_dir)."""
+    the safetensors directories of the very same (stored) values; with
+    `sparse_head` the assistant's GGUF keeps its sparse head, and so does the
+    safetensors copy. Returns (target.gguf, assistant.gguf, target_dir, assistant_dir)."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
@@ -272,14 +289,16 @@ def write_pair(path: Union[str, Path], kind: str = "e2b", qtype: QType = "F32", 
     acfg = assistant_config(cfg, ordered=ordered, hidden=assistant_hidden)
     assistant = build_assistant(acfg, target, seed=seed, predictable=True)
     stored_t = write_gemma4_gguf(target, cfg, path / "target.gguf", qtype=qtype, seed=seed)
-    stored_a = write_assistant_gguf(assistant, acfg, path / "assistant.gguf", qtype=qtype, seed=seed + 500)
+    stored_a = write_assistant_gguf(assistant, acfg, path / "assistant.gguf", qtype=qtype, seed=seed + 500,
+                                    sparse_head=sparse_head, ordering_type=ordering_type)
     target.update(tree_unflatten([(k, mx.array(v)) for k, v in stored_t.items()]))
     save_target(target, path / "target", cfg, raw=False)
     hf_tokenizer().save_pretrained(str(path / "target"))
-    dense = dict(acfg, use_ordered_embeddings=False)  # what the GGUF holds: no sparse head
-    plain = build_assistant(dense, seed=seed)
+    # What the GGUF holds: the sparse head only when kept.
+    held = dict(acfg, use_ordered_embeddings=bool(acfg.get("use_ordered_embeddings")) and sparse_head)
+    plain = build_assistant(held, seed=seed)
     plain.update(tree_unflatten([(k, mx.array(v)) for k, v in stored_a.items()]))
-    save_assistant(plain, path / "assistant", dense)
+    save_assistant(plain, path / "assistant", held)
     return path / "target.gguf", path / "assistant.gguf", path / "target", path / "assistant"
 
 

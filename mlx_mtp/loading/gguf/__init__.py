@@ -6,9 +6,11 @@
   type table is there), requantization of the rest, strict loading;
 - `qwen35.py`: qwen35 / qwen35moe (MTP head included);
 - `gemma4.py`: gemma4 targets and gemma4-assistant drafters;
+- `mtp_split.py`: llama.cpp's split MTP-only files (`--mtp`) as drafters;
 - `tokenizer.py`: tokenizers from `tokenizer.ggml.*` metadata.
 
-This module only dispatches on `general.architecture`.
+This module only dispatches on `general.architecture` (and on whether a
+qwen35 file is a split MTP head).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from pathlib import Path
 from typing import Union
 
 from ..safetensors import CheckpointError
-from . import gemma4, qwen35
+from . import gemma4, mtp_split, qwen35
 from .gemma4 import Gemma4Checkpoint, load_gguf_assistant
+from .mtp_split import is_mtp_only, load_mtp_drafter, mtp_only_layout
 from .quants import (
     FLOAT_TYPES,
     GROUP,
@@ -54,10 +57,11 @@ SUPPORTED_ARCHS = qwen35.ARCHS + gemma4.ARCHS
 __all__ = [
     "BF16", "FLOAT_TYPES", "GGUF_MAGIC", "GROUP", "LAYER_NAMES", "NEXTN_NAMES", "PRE_TOKENIZER_REGEX", "REPACKED",
     "SUPPORTED_ARCHS", "TOP_NAMES", "GGUFCheckpoint", "GGUFFile", "Gemma4Checkpoint", "QuantTensor", "Tensor",
-    "build_model", "build_spm_tokenizer", "build_tokenizer", "convert_tensor", "is_gguf", "load_gguf",
-    "load_gguf_assistant", "load_gguf_target", "load_gguf_tokenizer", "load_into", "metadata", "mlx_weights",
-    "open_gguf", "pack_codes", "quantization_config", "qwen35_config", "qwen35_name", "qwen35_transform",
-    "read_gguf", "requantize", "take", "to_mx", "v_head_order",
+    "build_model", "build_spm_tokenizer", "build_tokenizer", "convert_tensor", "is_gguf", "is_mtp_only",
+    "load_gguf", "load_gguf_assistant", "load_gguf_drafter", "load_gguf_target", "load_gguf_tokenizer",
+    "load_into", "load_mtp_drafter", "metadata", "mlx_weights", "mtp_only_layout", "open_gguf", "pack_codes",
+    "quantization_config", "qwen35_config", "qwen35_name", "qwen35_transform", "read_gguf", "requantize", "take",
+    "to_mx", "v_head_order",
 ]
 
 
@@ -85,6 +89,9 @@ def read_gguf(path: Union[str, Path], requant_bits: int = 8) -> GGUFFile:
         raise CheckpointError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
         )
+    if mtp_split.is_mtp_only(meta, (t.name for t in reader.tensors)):  # nothing to load or convert but a head
+        raise CheckpointError(f"{path} is an MTP-only drafter file (llama.cpp --mtp), not a model: "
+                              f"{mtp_split.USE_AS_DRAFTER}")
     read = gemma4.read_gemma4 if arch in gemma4.ARCHS else qwen35.read_qwen35
     return read(path, reader, meta, requant_bits)
 
@@ -100,6 +107,21 @@ def load_gguf_target(path: Union[str, Path], lazy: bool = False, requant_bits: i
     arch_module = gemma4 if ckpt.arch == gemma4.TARGET_ARCH else qwen35
     model, config = arch_module.load_target(ckpt, lazy=lazy)
     return model, config, ckpt
+
+
+def load_gguf_drafter(path: Union[str, Path], target, lazy: bool = False, requant_bits: int = 8):
+    """A drafter for `target` from a GGUF file: a gemma4-assistant, or a
+    split MTP head (`mtp-*.gguf`). Raises AssistantError (one line)."""
+    from ...drafters.gemma4_assistant import Gemma4AssistantDrafter
+    from ...models.gemma4_assistant import AssistantError
+
+    try:
+        arch = metadata(open_gguf(Path(path).expanduser())).get("general.architecture")
+    except CheckpointError as e:
+        raise AssistantError(str(e)) from e
+    if arch in qwen35.ARCHS:
+        return load_mtp_drafter(path, target, lazy=lazy, requant_bits=requant_bits)
+    return Gemma4AssistantDrafter(load_gguf_assistant(path, lazy=lazy, requant_bits=requant_bits), target)
 
 
 def load_gguf(path: Union[str, Path], lazy: bool = False, requant_bits: int = 8):

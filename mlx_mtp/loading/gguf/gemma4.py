@@ -25,10 +25,13 @@ does to Gemma 4 (docs/gguf.md#gemma4-and-gemma4-assistant), and how it is undone
 
 The assistant (`gemma4-assistant`) uses the same layer names plus
 `nextn.pre_projection` / `nextn.post_projection`; `embedding_length_out` is
-the target's hidden size. Converters drop the E2B/E4B sparse-head tensors
-(centroids, token ordering), so such an assistant drafts with its dense tied
-head: the same argmax over the exact logits, just a full-vocabulary matmul
-per step. The loaded assistant's `load_note` says so (a drafter's `note`).
+the target's hidden size. The E2B/E4B sparse head is `masked_embd_centroids.weight`
+[C, h] and `masked_embd_ordering` [V] (gguf-py's names; no `.weight` on the
+ordering, stored as F32 by the converter's generic path, I32 by some others):
+loaded when both are there. llama.cpp 0c1e570's converter drops them; such
+an assistant drafts with its dense tied head (the argmax over the exact
+logits, just a full-vocabulary matmul per step), and its `load_note` says so
+(a drafter's `note`).
 
 The tokenizer (`tokenizer.ggml.model = "gemma4"`) is built in tokenizer.py.
 """
@@ -48,8 +51,9 @@ import numpy as np
 from ...models.base import FULL, SLIDING
 from ..configs import gemma4_assistant_config
 from ..safetensors import CheckpointError
-from .quants import convert_tensor, load_into, mlx_weights, split_rows
+from .quants import BF16, convert_tensor, dequant, load_into, mlx_weights, split_rows
 from .reader import COMMON_LAYER_NAMES, GGUFFile, converting, meta_value, metadata, open_gguf, tensor_shapes
+from .tokenizer import config_eos
 
 TARGET_ARCH = "gemma4"
 ASSISTANT_ARCH = "gemma4-assistant"
@@ -92,6 +96,13 @@ ASSISTANT_TOP = {
     "pre_projection.weight": "pre_projection.weight",
     "post_projection.weight": "post_projection.weight",
 }
+# The E2B/E4B sparse (ordered-embedding) head, as gguf-py names it.
+CENTROIDS = "masked_embd_centroids.weight"
+ORDERING = "masked_embd_ordering"
+SPARSE_HEAD = {CENTROIDS: "masked_embedding.centroids.weight", ORDERING: "masked_embedding.token_ordering"}
+# Where a converter that keeps the sparse head may record its top-k (under the
+# arch); gguf-py has no key for it. Absent: the HF default (32, as E2B/E4B use).
+SPARSE_TOP_K_KEYS = ("masked_embedding.top_k", "centroid_intermediate_top_k")
 _IGNORED = ("rope_freqs.weight",)
 
 
@@ -222,10 +233,13 @@ def gemma4_text_config(meta: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]],
             top_k_experts=int(meta_value(meta, arch, "expert_used_count")),
             moe_intermediate_size=int(meta_value(meta, arch, "expert_feed_forward_length")),
         )
-    for key, meta_key in (("eos_token_id", "eos"), ("bos_token_id", "bos"), ("pad_token_id", "padding")):
+    for key, meta_key in (("bos_token_id", "bos"), ("pad_token_id", "padding")):
         value = meta.get(f"tokenizer.ggml.{meta_key}_token_id")
         if value is not None:
             text[key] = int(value)
+    eos = config_eos(meta)
+    if eos is not None:
+        text["eos_token_id"] = eos
     return text
 
 
@@ -259,8 +273,43 @@ def assistant_config(meta: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]],
         max_position_embeddings=int(meta.get(f"{arch}.context_length", 131072)),
         rope_parameters=_rope_parameters(meta, arch, head_full, head_swa, rope_freqs),
         backbone_hidden_size=int(backbone),
-        use_ordered_embeddings=False,  # the converter drops the sparse head
+        **sparse_head_config(meta, shapes, H),
     )
+
+
+def sparse_head_config(meta: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]], hidden: int) -> Dict[str, Any]:
+    """The assistant config's sparse-head keys: on when the file has both
+    tensors, sized by the centroids' shape."""
+    present = [k for k in SPARSE_HEAD if k in shapes]
+    if not present:
+        return {"use_ordered_embeddings": False}
+    if len(present) == 1:
+        missing = next(k for k in SPARSE_HEAD if k not in shapes)
+        raise CheckpointError(f"GGUF file has {present[0]} but not {missing}: the sparse head needs both")
+    centroids, vocab = shapes[CENTROIDS][0], shapes["token_embd.weight"][0]
+    if shapes[CENTROIDS][1] != hidden or shapes[ORDERING] != (vocab,) or vocab % centroids:
+        raise CheckpointError(f"GGUF sparse head does not fit: {CENTROIDS} is {list(shapes[CENTROIDS])} and "
+                              f"{ORDERING} {list(shapes[ORDERING])} for hidden size {hidden} and vocab {vocab}")
+    out: Dict[str, Any] = {"use_ordered_embeddings": True, "num_centroids": int(centroids)}
+    top_k = next((meta[f"{ASSISTANT_ARCH}.{k}"] for k in SPARSE_TOP_K_KEYS if f"{ASSISTANT_ARCH}.{k}" in meta), None)
+    if top_k is not None:
+        if not 0 < int(top_k) <= centroids:
+            raise CheckpointError(f"GGUF sparse head top-k {int(top_k)} is not within its {centroids} centroids")
+        out["centroid_intermediate_top_k"] = int(top_k)
+    return out
+
+
+def token_ordering(value: Any, vocab: int) -> np.ndarray:
+    """`masked_embd_ordering` as int32 token ids. Stored as floats (F32: the
+    converter's generic path casts every integer tensor) or integers; either
+    way it must be a permutation of the vocabulary."""
+    raw = np.asarray(value)
+    integer = np.issubdtype(raw.dtype, np.integer) and not isinstance(value, BF16)
+    ids = (raw if integer else dequant(value)).reshape(-1)
+    as_int = ids.astype(np.int64)
+    if not np.array_equal(as_int, ids) or not np.array_equal(np.sort(as_int), np.arange(vocab)):
+        raise ValueError(f"it is not a permutation of the {vocab} token ids")
+    return as_int.astype(np.int32)
 
 
 def declares_sparse_head(meta: Dict[str, Any], backbone: int) -> bool:
@@ -294,6 +343,8 @@ def assistant_name(gguf_name: str) -> Optional[str]:
     """GGUF tensor name -> Gemma4Assistant module path."""
     if gguf_name in ASSISTANT_TOP:
         return ASSISTANT_TOP[gguf_name]
+    if gguf_name in SPARSE_HEAD:
+        return SPARSE_HEAD[gguf_name]
     if gguf_name in ("token_embd.weight", "output_norm.weight"):
         return TOP[gguf_name]
     return _layer_name(gguf_name)
@@ -374,6 +425,8 @@ class Gemma4Checkpoint(GGUFFile):
                     value = convert_tensor(t, self.requant_bits)
                     if name.endswith("k_proj.weight") and any(o is t and n != name for o, n in plain):
                         cache[t.name] = value
+                if t.name == ORDERING:
+                    value = token_ordering(value, self.text["vocab_size"])
             yield name, value, t.tensor_type.name
         for t, prefix in fused:
             gate, up = split_rows(convert_tensor(t, self.requant_bits))
@@ -421,8 +474,9 @@ def load_target(ckpt: Gemma4Checkpoint, lazy: bool = False):
 
 
 def load_gguf_assistant(path: Union[str, Path], lazy: bool = False, requant_bits: int = 8):
-    """A Gemma4Assistant from a gemma4-assistant GGUF (dense tied head).
-    Its `load_note` says when the source's sparse head was dropped."""
+    """A Gemma4Assistant from a gemma4-assistant GGUF, with its sparse head
+    when the file has one. Its `load_note` says when an E2B/E4B assistant's
+    file lacks it (so it drafts with the dense tied head)."""
     from ...models.gemma4_assistant import AssistantError
 
     path = Path(path).expanduser()
@@ -442,11 +496,12 @@ def load_gguf_assistant(path: Union[str, Path], lazy: bool = False, requant_bits
         raise AssistantError(str(e)) from e
     backbone = ckpt.config["backbone_hidden_size"]
     model.load_note = None
-    if declares_sparse_head(meta, backbone):
+    if declares_sparse_head(meta, backbone) and not ckpt.config["use_ordered_embeddings"]:
         kind = SPARSE_HEAD_BACKBONES.get(backbone, "E2B/E4B-style")
         model.load_note = (
             f"{path.name}: this {kind} assistant's sparse (ordered-embedding) head was dropped by the GGUF "
-            "conversion; drafting with its dense tied head instead (exact, but slower per draft step)"
+            f"conversion (no {CENTROIDS} / {ORDERING}); drafting with its dense tied head instead (exact, but "
+            "slower per draft step)"
         )
     n = meta.get(f"{ASSISTANT_ARCH}.num_assistant_tokens")
     model.num_assistant_tokens = int(n) if n else None

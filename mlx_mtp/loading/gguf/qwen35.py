@@ -17,12 +17,30 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from ..safetensors import CheckpointError
 from .quants import (
     BF16, QuantTensor, Tensor, convert_tensor, dequant, load_into, mlx_weights, requantize, split_rows, take,
 )
 from .reader import COMMON_LAYER_NAMES, GGUFFile, converting, meta_value, tensor_shapes
+from .tokenizer import config_eos
 
 ARCHS = ("qwen35", "qwen35moe")
+
+
+def full_attention_interval(meta: Dict[str, Any], arch: str, layers: int) -> int:
+    """Every how many trunk layers one is full attention. The per-layer
+    `attention.recurrent_layers` flags win over `full_attention_interval`:
+    the converter writes its default 4 there whatever the model uses (checked
+    against llama.cpp 0c1e570), while the flags come from `layer_types`."""
+    recurrent = meta.get(f"{arch}.attention.recurrent_layers")
+    if not isinstance(recurrent, (list, tuple)) or len(recurrent) < layers:
+        return int(meta.get(f"{arch}.full_attention_interval", 4))
+    full = [i for i in range(layers) if not recurrent[i]]
+    interval = full[0] + 1 if full else layers + 1
+    if [not recurrent[i] for i in range(layers)] != [(i + 1) % interval == 0 for i in range(layers)]:
+        raise CheckpointError(f"GGUF metadata {arch}.attention.recurrent_layers is not a repeating pattern "
+                              "of recurrent layers closed by a full-attention one (the Qwen3.5 layout)")
+    return interval
 
 
 def qwen35_config(meta: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, Any]:
@@ -59,7 +77,7 @@ def qwen35_config(meta: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]]) -> D
         "linear_key_head_dim": int(meta_value(meta, arch, "ssm.state_size")),
         "linear_value_head_dim": int(meta_value(meta, arch, "ssm.inner_size")) // hv,
         "linear_conv_kernel_dim": int(meta_value(meta, arch, "ssm.conv_kernel")),
-        "full_attention_interval": int(meta.get(f"{arch}.full_attention_interval", 4)),
+        "full_attention_interval": full_attention_interval(meta, arch, layers),
         "vocab_size": vocab,
         "rms_norm_eps": float(meta_value(meta, arch, "attention.layer_norm_rms_epsilon")),
         "tie_word_embeddings": "output.weight" not in shapes,
@@ -80,16 +98,16 @@ def qwen35_config(meta: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]]) -> D
         )
     else:
         text["intermediate_size"] = int(meta_value(meta, arch, "feed_forward_length"))
-    eos = meta.get("tokenizer.ggml.eos_token_id")
+    eos = config_eos(meta)
     if eos is not None:
-        text["eos_token_id"] = int(eos)
+        text["eos_token_id"] = eos
     config = {
         "model_type": "qwen3_5_moe" if moe else "qwen3_5",
         "architectures": ["Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"],
         "text_config": text,
     }
     if eos is not None:
-        config["eos_token_id"] = int(eos)
+        config["eos_token_id"] = eos
     return config
 
 
@@ -215,6 +233,11 @@ def qwen35_transform(name: str, value: Tensor, text: Dict[str, Any]) -> Tensor:
 class GGUFCheckpoint(GGUFFile):
     """A qwen35 / qwen35moe GGUF file read as an MLX checkpoint."""
 
+    def keeps(self, name: str) -> bool:
+        """Whether `tensors()` converts the tensor at module path `name`
+        (all of them here; the split-head reader keeps only the head's)."""
+        return True
+
     def tensor_names(self) -> List[Tuple[str, str]]:
         """(gguf name, module path) of every tensor the model uses."""
         layers = self.config["text_config"]["num_hidden_layers"]
@@ -231,7 +254,7 @@ class GGUFCheckpoint(GGUFFile):
         layers = text["num_hidden_layers"]
         for t in self.reader.tensors:
             name = qwen35_name(t.name, layers)
-            if name is None:
+            if name is None or not self.keeps(name):
                 continue
             if t.name.endswith("ffn_gate_up_exps.weight"):  # fused variant: split rows
                 continue
@@ -245,6 +268,8 @@ class GGUFCheckpoint(GGUFFile):
                 continue
             i = int(m.group(1))
             prefix = (f"language_model.model.layers.{i}" if i < layers else f"mtp.layers.{i - layers}")
+            if not self.keeps(prefix):
+                continue
             gate, up = split_rows(convert_tensor(t, self.requant_bits))
             yield f"{prefix}.mlp.switch_mlp.gate_proj.weight", gate, t.tensor_type.name
             yield f"{prefix}.mlp.switch_mlp.up_proj.weight", up, t.tensor_type.name

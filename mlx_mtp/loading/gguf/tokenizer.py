@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..safetensors import CheckpointError
 from ..tokenizer_formats import QWEN_PRETOKENIZE_REGEX
@@ -35,8 +35,14 @@ PRE_TOKENIZER_REGEX = {
 # `tokenizer.ggml.token_type` values.
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 SPM_KINDS = ("gemma4", "llama")
-# End-of-turn tokens of Gemma chat templates (generation stops on them too).
-END_OF_TURN = ("<end_of_turn>", "<turn|>")
+# Metadata ids generation stops on: end of sequence, of turn, of message.
+STOP_ID_KEYS = ("eos", "eot", "eom")
+# Tokens that end generation by their text, as llama.cpp decides (llama-vocab.cpp):
+# the chat templates' end-of-turn tokens, and ends of text that the HF configs
+# list as EOS but the converter does not write (only tokenizer_config's
+# eos_token becomes eos_token_id: <|im_end|> for Qwen3.5, not <|endoftext|>).
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>",
+              "<end_of_turn>", "<turn|>", "<eos>", "<|tool_response>")
 
 
 def _tokens(meta: Dict[str, Any]) -> List[str]:
@@ -50,6 +56,30 @@ def _named_token(meta: Dict[str, Any], tokens: List[str], key: str) -> Optional[
     """The token `tokenizer.ggml.{key}_token_id` points at, if any."""
     i = meta.get(f"tokenizer.ggml.{key}_token_id")
     return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+
+def stop_token_ids(meta: Dict[str, Any]) -> List[int]:
+    """Every id generation stops on: the declared eos / eot / eom ids, then
+    the END_TOKENS the vocabulary has (what llama.cpp stops on too)."""
+    tokens = list(meta.get("tokenizer.ggml.tokens") or [])
+    ids: List[int] = []
+    for key in STOP_ID_KEYS:
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and 0 <= int(i) < len(tokens) and int(i) not in ids:
+            ids.append(int(i))
+    by_text: Dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if t in END_TOKENS:
+            by_text.setdefault(t, i)  # the first of duplicate pieces, as the vocabulary keeps
+    ids += [by_text[t] for t in END_TOKENS if t in by_text and by_text[t] not in ids]
+    return ids
+
+
+def config_eos(meta: Dict[str, Any]) -> Optional[Union[int, List[int]]]:
+    """`eos_token_id` for a config made from GGUF metadata: every stop id, so
+    a model converted from the GGUF stops where the GGUF does."""
+    ids = stop_token_ids(meta)
+    return None if not ids else ids[0] if len(ids) == 1 else ids
 
 
 def _add_special_pieces(tok, tokens: List[str], types: List[int]) -> None:
@@ -113,8 +143,7 @@ def build_tokenizer(meta: Dict[str, Any]):
     hf = _fast_tokenizer(tok, meta, eos_token=_named_token(meta, tokens, "eos"),
                          pad_token=_named_token(meta, tokens, "padding"), bos_token=bos,
                          unk_token=_named_token(meta, tokens, "unknown"))
-    eos_ids = [int(meta["tokenizer.ggml.eos_token_id"])] if "tokenizer.ggml.eos_token_id" in meta else []
-    return hf, eos_ids
+    return hf, stop_token_ids(meta)
 
 
 def merges_from_scores(tokens: List[str], scores: List[float], types: List[int]) -> List[Tuple[str, str]]:
@@ -169,15 +198,7 @@ def build_spm_tokenizer(meta: Dict[str, Any]):
         tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
     hf = _fast_tokenizer(tok, meta, eos_token=eos, pad_token=_named_token(meta, tokens, "padding"),
                          bos_token=bos, unk_token=unk)
-    eos_ids: List[int] = []
-    for key in ("eos", "eot"):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if i is not None and int(i) not in eos_ids:
-            eos_ids.append(int(i))
-    for t in END_OF_TURN:
-        if t in vocab and vocab[t] not in eos_ids:
-            eos_ids.append(vocab[t])
-    return hf, eos_ids
+    return hf, stop_token_ids(meta)
 
 
 def load_gguf_tokenizer(meta: Dict[str, Any]):

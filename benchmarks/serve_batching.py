@@ -1,0 +1,113 @@
+"""Batched speculative decoding under concurrency (mlx_mtp/batching.py).
+
+For 1, 2, 4 and 8 concurrent streams, drafting off (k=0) against on (a
+fixed k and `auto`): aggregate tok/s (every stream's tokens over the wall
+time of the run), per-stream decode tok/s (mean over streams), requests/s
+and time to first token. Greedy, so every mode must give the same tokens;
+a mismatch is printed loudly.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/serve_batching.py
+
+Prints figures; asserts nothing. The model is a predictable Qwen3.5 + MTP
+head of about 120M fp32 parameters (`bandwidth_config(1024, 8)`): on a CPU
+with OpenBLAS preloaded it is bandwidth-bound, the regime a Mac GPU is in;
+with the reference BLAS it is compute-bound and a wider verify costs more.
+The header says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Dict, List, Sequence, Tuple
+
+from mlx_mtp.api import SpeculativeModel
+from mlx_mtp.batching import BatchGenerator
+from mlx_mtp.bench import backend_description
+from mlx_mtp.drafters import MTPDrafter
+from mlx_mtp.sampling import SamplingParams
+from mlx_mtp.testing import VOCAB, bandwidth_config, build
+
+
+def params_of(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+def run(gen: BatchGenerator, prompts: Sequence[List[int]], tokens: int) -> Tuple[dict, List[List[int]]]:
+    """All prompts arrive at once; step until every stream is done."""
+    start = time.perf_counter()
+    ids = {gen.add(p, SamplingParams(), tokens, ()): i for i, p in enumerate(prompts)}
+    out: Dict[int, List[int]] = {i: [] for i in ids.values()}
+    first: Dict[int, float] = {}
+    stats = {}
+    while gen.has_work():
+        for e in gen.step():
+            i = ids[e.row_id]
+            if e.tokens and i not in first:
+                first[i] = time.perf_counter() - start
+            out[i] += e.tokens
+            if e.finish_reason is not None:
+                stats[i] = e.stats
+    wall = time.perf_counter() - start
+    total = sum(len(t) for t in out.values())
+    drafted = sum(s.draft_tokens for s in stats.values())
+    accepted = sum(s.accepted_tokens for s in stats.values())
+    figures = {
+        "aggregate": total / wall,
+        "per_stream": statistics.mean(s.decode_tokens_per_s for s in stats.values()),
+        "requests_per_s": len(prompts) / wall,
+        "ttft_ms": 1000 * statistics.mean(first.values()),
+        "acceptance": accepted / drafted if drafted else 0.0,
+        "tokens_per_pass": statistics.mean(s.tokens_per_pass for s in stats.values()),
+    }
+    return figures, [out[i] for i in range(len(prompts))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per stream")
+    ap.add_argument("--concurrency", default="1,2,4,8")
+    ap.add_argument("-k", "--num-draft", default="2,auto", help="drafting modes besides k=0")
+    ap.add_argument("--random-head", action="store_true",
+                    help="a head that is almost never right: the case where auto must hold the k=0 floor")
+    args = ap.parse_args()
+
+    model = build(bandwidth_config(args.hidden, args.layers, VOCAB), seed=0, predictable=True,
+                  random_head=args.random_head)
+    spec = SpeculativeModel(model, MTPDrafter(model))
+    modes = [0] + [m if m == "auto" else int(m) for m in args.num_draft.split(",") if m]
+    print(f"backend: {backend_description()}")
+    head = "random head" if args.random_head else "predictable head"
+    print(f"model: {params_of(model) / 1e6:.0f}M params fp32, {args.layers} layers, hidden {args.hidden}, {head}, "
+          f"{args.tokens} tokens per stream, greedy")
+    prompts_all = [[(7 * i + j) % (VOCAB - 10) + 5 for j in range(12 + 3 * i)] for i in range(8)]
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    # One generator per mode for the whole run, as a server keeps one: the
+    # adaptive policy of each batch size learns once.
+    generators = {mode: BatchGenerator(spec, max_batch=max(concurrency), num_draft=mode, prompt_cache_bytes=0)
+                  for mode in modes}
+    header = f"{'streams':>7} {'mode':>6} {'agg tok/s':>10} {'stream tok/s':>13} {'req/s':>7} {'TTFT ms':>8} " \
+             f"{'accept':>7} {'tok/pass':>8} {'vs k=0':>7}"
+    print(header)
+    for n in concurrency:
+        prompts = prompts_all[:n]
+        base = None
+        for mode in modes:
+            run(generators[mode], [p[::-1] for p in prompts], args.tokens // 2)  # warm-up at this batch size
+            figures, tokens = run(generators[mode], prompts, args.tokens)
+            if base is None:
+                base, base_tokens = figures, tokens
+            elif tokens != base_tokens:
+                print(f"!! MISMATCH: k={mode} at {n} streams differs from k=0")
+            print(f"{n:>7} {str(mode):>6} {figures['aggregate']:>10.1f} {figures['per_stream']:>13.1f} "
+                  f"{figures['requests_per_s']:>7.2f} {figures['ttft_ms']:>8.0f} {figures['acceptance']:>7.0%} "
+                  f"{figures['tokens_per_pass']:>8.2f} {figures['aggregate'] / base['aggregate']:>6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
