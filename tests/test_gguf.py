@@ -220,3 +220,13 @@ def test_unsupported_architecture(tmp_path):
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     with pytest.raises(CheckpointError, match="architecture 'llama' is not supported"):
         load_gguf_target(tmp_path / "llama.gguf")
+
+
+def test_half_precision_moe_gguf_decodes(tmp_path):
+    """Float experts from a lossless F16 GGUF: on MLX's CPU backend
+    gather_mm takes float32 only, so they must run in float32 there
+    (models/experts.py), as they do for safetensors checkpoints."""
+    path, _, _ = make_pair(tmp_path, "F16", moe=True)
+    model, _, _ = load_gguf_target(path)
+    assert model.language_model.model.layers[0].mlp.switch_mlp.gate_proj.weight.dtype != mx.float16
+    assert greedy(model, 3) == greedy(model, 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
+from ...models.experts import fit_experts_to_device
 from ..safetensors import CheckpointError
 from . import gemma4, mtp_split, qwen35
 from .gemma4 import Gemma4Checkpoint, load_gguf_assistant
@@ -106,6 +107,7 @@ def load_gguf_target(path: Union[str, Path], lazy: bool = False, requant_bits: i
         )
     arch_module = gemma4 if ckpt.arch == gemma4.TARGET_ARCH else qwen35
     model, config = arch_module.load_target(ckpt, lazy=lazy)
+    fit_experts_to_device(model)  # float (F16/BF16) experts: float32 on the CPU backend
     return model, config, ckpt
 
 
