@@ -56,9 +56,11 @@ class ScriptedGenerator:
         self.tokens, self.per_step = tokens, per_step
         self.rows: Dict[int, int] = {}
         self.prompts: List[List[int]] = []
+        self.num_drafts: List[object] = []
 
-    def add(self, prompt, params, max_tokens, eos_token_ids, seed=None) -> int:
+    def add(self, prompt, params, max_tokens, eos_token_ids, seed=None, num_draft=None) -> int:
         self.prompts.append(list(prompt))
+        self.num_drafts.append(num_draft)
         row_id = len(self.prompts)
         self.rows[row_id] = 0
         return row_id
@@ -540,6 +542,10 @@ def test_thinking_follows_the_template_and_chat_template_kwargs(qwen36):
                                            extra_body={"chat_template_kwargs": {"enable_thinking": False}})
         assert tokenizer.decode(generator.prompts[-1]).endswith("</think>\n\n")
         assert r.choices[0].message.content == "Fine."
+        # A request's num_draft reaches its own row; without one the server's -k applies.
+        client.chat.completions.create(model=MODEL, messages=user("hi"), extra_body={"num_draft": 2})
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"num_draft": "auto"})
+        assert generator.num_drafts[-3:] == [None, 2, "auto"]
         with pytest.raises(openai.BadRequestError):  # a name the renderer sets itself
             client.chat.completions.create(model=MODEL, messages=user("hi"),
                                            extra_body={"chat_template_kwargs": {"tools": []}})

@@ -152,14 +152,15 @@ class Row:
 
     @classmethod
     async def start(cls, state: State, prompt: List[int], params: SamplingParams, max_tokens: int,
-                    eos: Sequence[int], seed: Optional[int], stops: Sequence[str]) -> "Row":
+                    eos: Sequence[int], seed: Optional[int], stops: Sequence[str],
+                    num_draft: Any = None) -> "Row":
         limit = state.config.max_batch + state.config.max_queue
         if state.outstanding >= limit:
             raise ApiError(429, f"the server is busy: {state.outstanding} requests are running or queued "
                                 f"(--max-batch {state.config.max_batch}, --max-queue {state.config.max_queue})",
                            code="rate_limit_exceeded", kind="rate_limit_exceeded")
         state.outstanding += 1
-        job = Job(prompt, params, max_tokens, eos, seed, asyncio.get_running_loop())
+        job = Job(prompt, params, max_tokens, eos, seed, asyncio.get_running_loop(), num_draft=num_draft)
         row = cls(state, job, TextStream(state.tokenizer, stops))
         try:
             state.worker.submit(job)
@@ -394,7 +395,7 @@ async def chat_completions(state: State, body: ChatCompletionRequest, request: R
         eos |= set(end_ids)
         stops += end_stops
     parser = OutputParser(state.markup, in_reasoning=opens_reasoning(state, prompt), tools=tools)
-    row = await Row.start(state, prompt, params, max_tokens, sorted(eos), body.seed, stops)
+    row = await Row.start(state, prompt, params, max_tokens, sorted(eos), body.seed, stops, body.num_draft)
     meta = {"id": completion_id("chatcmpl"), "created": int(time.time()), "model": state.config.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -490,7 +491,7 @@ async def completions(state: State, body: CompletionRequest, request: Request) -
         e.param = "prompt"
         raise
     row = await Row.start(state, prompt, params, max_tokens, sorted(state.tokenizer.eos_token_ids), body.seed,
-                          _stops(body.stop))
+                          _stops(body.stop), body.num_draft)
     meta = {"id": completion_id("cmpl"), "created": int(time.time()), "model": state.config.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

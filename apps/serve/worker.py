@@ -50,6 +50,8 @@ class Job:
     eos_token_ids: Sequence[int]
     seed: Optional[int]
     loop: asyncio.AbstractEventLoop
+    #: this request's draft length (None: the server's -k); output is the same either way
+    num_draft: Any = None
     events: "asyncio.Queue[Any]" = field(default_factory=asyncio.Queue)
     #: set by the worker thread once the generator has the row
     row_id: Optional[int] = None
@@ -166,7 +168,7 @@ class Worker:
     def _add(self, job: Job) -> None:
         try:
             job.row_id = self.generator.add(job.prompt, job.params, job.max_tokens, job.eos_token_ids,
-                                            seed=job.seed)
+                                            seed=job.seed, num_draft=job.num_draft)
         except Exception as e:  # ContextLengthError, a bad argument
             job.deliver(Failed(e))
             return
