@@ -21,7 +21,7 @@ from mlx_mtp import SamplingParams, Stats, decode
 from mlx_mtp.drafters import MTPDrafter
 from mlx_mtp.drafters.gemma4_assistant import Gemma4AssistantDrafter
 from mlx_mtp.engine import CATCH_UP_BATCH, PromptCache
-from mlx_mtp.testing.gemma import WINDOW, assistant_config, build_assistant, build_target, text_config
+from mlx_mtp.testing.gemma import WINDOW
 from test_sampling import _exact_joint, chi_square_p_value
 
 
@@ -60,10 +60,7 @@ def qwen(request):
 
 @pytest.fixture(scope="module")
 def gemma():
-    cfg = text_config("dense", tie_word_embeddings=False)
-    target = build_target(cfg, seed=1, predictable=True)
-    assistant = build_assistant(assistant_config(cfg, ordered=False), target, seed=1, predictable=True)
-    return target, assistant
+    return tiny.often_right_gemma_pair()
 
 
 def tokens_of(model, prompt, drafter=None, max_tokens=200, **kw):

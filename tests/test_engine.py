@@ -206,14 +206,7 @@ def test_prompt_cache_after_eos_mid_cycle(model, k):
 def test_no_explicit_eval_inside_the_cycle(model, monkeypatch):
     """Besides the one read of the packed result, the cycle never calls
     mx.eval: prefill evaluates once per chunk, decoding not at all."""
-    calls = []
-    real_eval = mx.eval
-
-    def counting_eval(*args, **kwargs):
-        calls.append(1)
-        return real_eval(*args, **kwargs)
-
-    monkeypatch.setattr(mx, "eval", counting_eval)
+    calls = tiny.count_evals(monkeypatch)
     stats = Stats()
     tokens = [t for c in decode(model, PROMPTS[1], drafter=MTPDrafter(model), num_draft=3, max_tokens=40,
                                 stats=stats, prefill_step_size=2) for t in c.tokens]

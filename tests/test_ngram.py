@@ -32,7 +32,7 @@ from mlx_mtp.engine import PromptCache
 from mlx_mtp.models.mlx_lm_target import MlxLmTarget
 from mlx_mtp.sampling import accept_sampled, one_hot, probabilities
 from mlx_mtp.testing import mlx_lm_models
-from mlx_mtp.testing.gemma import WINDOW, assistant_config, build_assistant, build_target, text_config
+from mlx_mtp.testing.gemma import WINDOW
 from test_sampling import _exact_joint, chi_square_p_value
 
 # --- the index ------------------------------------------------------------------
@@ -240,10 +240,7 @@ def qwen35():
 
 @pytest.fixture(scope="module")
 def gemma():
-    cfg = text_config("dense", tie_word_embeddings=False)
-    target = build_target(cfg, seed=1, predictable=True)
-    assistant = build_assistant(assistant_config(cfg, ordered=False), target, seed=1, predictable=True)
-    return target, assistant
+    return tiny.often_right_gemma_pair()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
@@ -286,9 +283,7 @@ def test_stops_inside_a_long_host_draft(qwen35):
 
 def test_no_explicit_eval_inside_the_cycle(qwen35, monkeypatch):
     """Host drafts add no sync: one read per cycle, mx.eval only per prefill chunk."""
-    calls = []
-    real_eval = mx.eval
-    monkeypatch.setattr(mx, "eval", lambda *a, **kw: (calls.append(1), real_eval(*a, **kw))[1])
+    calls = tiny.count_evals(monkeypatch)
     prompt = repetitive_prompts(qwen35)[0]
     for drafter in (NGramDrafter(), LookupThenModelDrafter(MTPDrafter(qwen35))):
         calls.clear()

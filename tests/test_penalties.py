@@ -272,14 +272,7 @@ def test_speculative_sampling_keeps_the_penalised_distribution():
 
 @pytest.mark.parametrize("k", [0, 3, "auto"])
 def test_one_host_sync_per_cycle_with_penalties(qwen, monkeypatch, k):
-    calls = []
-    real_eval = mx.eval
-
-    def counting_eval(*args, **kwargs):
-        calls.append(1)
-        return real_eval(*args, **kwargs)
-
-    monkeypatch.setattr(mx, "eval", counting_eval)
+    calls = tiny.count_evals(monkeypatch)
     params = SamplingParams(temp=0.7, top_p=0.9, repetition_penalty=1.1, presence_penalty=0.3,
                             frequency_penalty=0.3, repetition_context_size=16)
     prompt = PROMPTS[0]
