@@ -3,10 +3,17 @@
 For 1, 2, 4 and 8 concurrent streams, drafting off (k=0) against on (a
 fixed k and `auto`): aggregate tok/s (every stream's tokens over the wall
 time of the run), per-stream decode tok/s (mean over streams), requests/s
-and time to first token. Greedy, so every mode must give the same tokens;
-a mismatch is printed loudly.
+and time to first token (median and 90th percentile over the streams, from
+the moment all of them arrive). Greedy, so every mode must give the same
+tokens; a mismatch is printed loudly.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/serve_batching.py
+    python benchmarks/serve_batching.py --hidden 64 --layers 4 --tokens 16   # a quick check that it runs
+
+`--prompt-tokens N` gives every stream a prompt of about N tokens (the
+default is 12 + 3i for stream i): with long prompts, time to first token is
+mostly prefill, which the streams arriving together share
+(docs/batching.md#prefill).
 
 Prints figures; asserts nothing. The model is a predictable Qwen3.5 + MTP
 head of about 120M fp32 parameters (`bandwidth_config(1024, 8)`): on a CPU
@@ -21,6 +28,8 @@ import argparse
 import statistics
 import time
 from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
 
 from mlx_mtp.api import SpeculativeModel
 from mlx_mtp.batching import BatchGenerator
@@ -59,7 +68,8 @@ def run(gen: BatchGenerator, prompts: Sequence[List[int]], tokens: int) -> Tuple
         "aggregate": total / wall,
         "per_stream": statistics.mean(s.decode_tokens_per_s for s in stats.values()),
         "requests_per_s": len(prompts) / wall,
-        "ttft_ms": 1000 * statistics.mean(first.values()),
+        "ttft_p50_ms": 1000 * float(np.percentile(list(first.values()), 50)),
+        "ttft_p90_ms": 1000 * float(np.percentile(list(first.values()), 90)),
         "acceptance": accepted / drafted if drafted else 0.0,
         "tokens_per_pass": statistics.mean(s.tokens_per_pass for s in stats.values()),
     }
@@ -72,6 +82,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64, help="tokens per stream")
     ap.add_argument("--concurrency", default="1,2,4,8")
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="prompt length per stream (0: 12 + 3i)")
     ap.add_argument("-k", "--num-draft", default="2,auto", help="drafting modes besides k=0")
     ap.add_argument("--random-head", action="store_true",
                     help="a head that is almost never right: the case where auto must hold the k=0 floor")
@@ -83,16 +94,18 @@ def main() -> None:
     modes = [0] + [m if m == "auto" else int(m) for m in args.num_draft.split(",") if m]
     print(f"backend: {backend_description()}")
     head = "random head" if args.random_head else "predictable head"
-    print(f"model: {params_of(model) / 1e6:.0f}M params fp32, {args.layers} layers, hidden {args.hidden}, {head}, "
-          f"{args.tokens} tokens per stream, greedy")
-    prompts_all = [[(7 * i + j) % (VOCAB - 10) + 5 for j in range(12 + 3 * i)] for i in range(8)]
     concurrency = [int(c) for c in args.concurrency.split(",")]
+    lengths = [args.prompt_tokens + i if args.prompt_tokens else 12 + 3 * i for i in range(max(concurrency))]
+    print(f"model: {params_of(model) / 1e6:.1f}M params fp32, {args.layers} layers, hidden {args.hidden}, {head}; "
+          f"prompts of {lengths[0]}-{lengths[-1]} tokens, {args.tokens} tokens per stream, greedy; "
+          f"drafting off (k=0) vs on")
+    prompts_all = [[(7 * i + j) % (VOCAB - 10) + 5 for j in range(n)] for i, n in enumerate(lengths)]
     # One generator per mode for the whole run, as a server keeps one: the
     # adaptive policy of each batch size learns once.
     generators = {mode: BatchGenerator(spec, max_batch=max(concurrency), num_draft=mode, prompt_cache_bytes=0)
                   for mode in modes}
-    header = f"{'streams':>7} {'mode':>6} {'agg tok/s':>10} {'stream tok/s':>13} {'req/s':>7} {'TTFT ms':>8} " \
-             f"{'accept':>7} {'tok/pass':>8} {'vs k=0':>7}"
+    header = f"{'streams':>7} {'mode':>6} {'agg tok/s':>10} {'stream tok/s':>13} {'req/s':>7} " \
+             f"{'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'accept':>7} {'tok/pass':>8} {'vs off':>7}"
     print(header)
     for n in concurrency:
         prompts = prompts_all[:n]
@@ -104,8 +117,10 @@ def main() -> None:
                 base, base_tokens = figures, tokens
             elif tokens != base_tokens:
                 print(f"!! MISMATCH: k={mode} at {n} streams differs from k=0")
-            print(f"{n:>7} {str(mode):>6} {figures['aggregate']:>10.1f} {figures['per_stream']:>13.1f} "
-                  f"{figures['requests_per_s']:>7.2f} {figures['ttft_ms']:>8.0f} {figures['acceptance']:>7.0%} "
+            label = "off" if mode == 0 else ("auto" if mode == "auto" else f"k={mode}")
+            print(f"{n:>7} {label:>6} {figures['aggregate']:>10.1f} {figures['per_stream']:>13.1f} "
+                  f"{figures['requests_per_s']:>7.2f} {figures['ttft_p50_ms']:>12.0f} {figures['ttft_p90_ms']:>12.0f} "
+                  f"{figures['acceptance']:>7.0%} "
                   f"{figures['tokens_per_pass']:>8.2f} {figures['aggregate'] / base['aggregate']:>6.2f}x")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -169,7 +170,9 @@ def load(
     if not any(any(path.glob(p)) for p in TOKENIZER_FILES):
         raise CheckpointError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     chosen, note = make_drafter(target, _with_bundled_assistant(path, target, drafter))
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    # Never run a checkpoint's own tokenizer code (configs with `auto_map`,
+    # MiMo's say): without this, transformers stops to ask in a terminal.
+    tokenizer = load_tokenizer(path, {"trust_remote_code": False}, eos_token_ids=config.get("eos_token_id"))
     model = SpeculativeModel(target, chosen, config, path, note)
     model.load_calibration()
     return model, quiet_length_warning(tokenizer)
@@ -227,6 +230,21 @@ class GenerationResponse:
 Prompt = Union[str, Sequence[int], Sequence[Dict[str, str]]]
 
 
+def _encodable(text: Any) -> Any:
+    """`text` with lone surrogates (what Python makes of undecodable bytes)
+    replaced by U+FFFD, with one warning; tokenizers raise TypeError on
+    them. Anything that is not a str passes through."""
+    if not isinstance(text, str):
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        fixed = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        warnings.warn("the prompt is not valid Unicode: lone surrogates replaced with U+FFFD", stacklevel=3)
+        return fixed
+
+
 def build_prompt(
     tokenizer: TokenizerWrapper,
     prompt: Prompt,
@@ -242,6 +260,11 @@ def build_prompt(
     or token ids (used as they are). The chat template renders as
     `templates.apply_template` does (enable_thinking None: the template's
     own default)."""
+    prompt = _encodable(prompt)
+    system = _encodable(system)
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+        prompt = [{**m, "content": _encodable(m.get("content"))} if isinstance(m, dict) and "content" in m else m
+                  for m in prompt]
     if isinstance(prompt, str) and not prompt.strip():
         # Blank text would still become template tokens: refuse it as the
         # engine refuses an empty token list.

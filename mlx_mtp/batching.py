@@ -4,8 +4,9 @@ Continuous batching of up to `max_batch` rows. One `step()`:
   1. admits queued requests while a slot is free (a request whose prompt
      extends a finished row's tokens starts from that row's saved cache);
   2. runs one prefill chunk (up to `prefill_chunk` tokens, spread over the
-     joining requests oldest first, each on its own single-sequence cache),
-     queued without a sync of its own;
+     joining requests oldest first; chunks of about the same length share
+     one padded target pass), queued without a sync of its own, so the
+     running rows get a cycle between any two chunks of a long prompt;
   3. runs ONE draft/verify cycle over all decoding rows: every row drafts
      with its own drafter state, the target verifies all rows in one
      batched forward pass, each row accepts its own prefix, and one host
@@ -42,7 +43,7 @@ from .engine import (
     auto_policy,
     cut_at_stop,
 )
-from .models.batch_cache import BatchCache, batch_problem, rollback_rows
+from .models.batch_cache import BatchCache, batch_problem, mask_padding, rollback_rows, unmask_padding
 from .models.rollback import set_recording
 from .options import AUTO, NumDraft
 from .sampling import SamplingParams, accept_greedy, accept_sampled, penalize, recent_tokens, sample
@@ -52,7 +53,18 @@ if TYPE_CHECKING:
 
 #: Padding for the drafts of rows that draft fewer tokens than the cycle's
 #: longest: verified like any token, then rolled back (never accepted).
+#: Also pads the shorter prompt chunks of a shared prefill pass.
 PAD_TOKEN = 0
+#: The most prompt tokens one step runs through the target (all joining
+#: rows' chunks together, padding aside): the running rows wait at most one
+#: such chunk for their next cycle, and a longer prompt takes several steps.
+PREFILL_CHUNK = 512
+#: Joining rows share one prefill pass when their chunks differ by at most
+#: this many tokens (the shorter ones padded to the longest). A pass of a
+#: few dozen tokens costs about one read of the weights on a GPU, like a
+#: pass of one token, so padding up to this much is cheaper than a pass of
+#: its own; chunks further apart run apart (their padding would cost more).
+PREFILL_PAD = 32
 
 
 @dataclass
@@ -164,7 +176,7 @@ class BatchGenerator:
         model: "SpeculativeModel",
         max_batch: int = 8,
         num_draft: NumDraft = "auto",
-        prefill_chunk: int = 512,
+        prefill_chunk: int = PREFILL_CHUNK,
         prompt_cache_bytes: int = 2 << 30,
         max_context: Optional[int] = None,
     ):
@@ -263,10 +275,13 @@ class BatchGenerator:
         if self._rows:
             events += self._cycle(timed=not prefilling)
         error = None
-        for row in [row for row, _ in prefilling if row.head is not None]:
+        ended = [row for row, _ in prefilling if row.head is not None]
+        # Evaluated with the chunks: one read for every row whose prefill ended.
+        heads = mx.stack([row.head for row in ended]).tolist() if ended else []
+        for row, (first, finite) in zip(ended, heads):
             self._joining.remove(row)
             try:
-                events += self._start(row)
+                events += self._start(row, first, finite)
             except CorruptWeightsError as e:
                 error = e
         if error is not None:
@@ -342,27 +357,72 @@ class BatchGenerator:
 
     def _prefill_chunks(self) -> List[Tuple[_Row, List[mx.array]]]:
         """This step's prefill: up to `prefill_chunk` prompt tokens, spread
-        over the joining rows oldest first (each on its own cache), so many
-        short prompts start together and a long one takes several steps."""
-        budget, out = self.prefill_chunk, []
+        over the joining rows oldest first, so many short prompts start
+        together and a long one takes several steps (the running rows get a
+        cycle after each). Chunks of about the same length run as one pass
+        (`_share_passes`). Returns per row the arrays to evaluate."""
+        budget, chunks = self.prefill_chunk, []
         for row in self._joining:
             if budget <= 0:
                 break
             size = min(budget, len(row.prompt) - row.begin)
-            out.append((row, self._prefill_chunk(row, size)))
+            chunks.append((row, size))
             budget -= size
+        out: List[Tuple[_Row, List[mx.array]]] = []
+        for group in _share_passes(chunks):
+            out += self._prefill_pass(group)
         return out
 
-    def _prefill_chunk(self, row: _Row, size: int) -> List[mx.array]:
-        """The next `size` tokens of `row`'s prompt through the target (and
-        the newest positions through its drafter), as `engine._prefill`
-        runs a chunk; returns the arrays to evaluate."""
+    def _prefill_pass(self, group: List[Tuple[_Row, int]]) -> List[Tuple[_Row, List[mx.array]]]:
+        """One target pass over the next `size` prompt tokens of each row in
+        `group`. One row runs on its own single-sequence cache, as
+        `engine._prefill` runs a chunk. Several rows run as the rows of a
+        batch cache built from theirs (docs/batching.md#prefill): the shorter
+        chunks are padded at the end, recurrent layers skip the padding
+        (mlx-lm's ArraysCache `lengths` mask, as its BatchGenerator pads
+        prompts) and the KV rows drop it after the pass; each row then gets
+        its own single-sequence cache back."""
+        sizes = [size for _, size in group]
+        if len(group) == 1:
+            row, size = group[0]
+            hidden = self.target.hidden(mx.array(row.prompt[row.begin : row.begin + size], mx.int32)[None], row.cache)
+        else:
+            width = max(sizes)
+            batch = BatchCache(self.target.make_cache())
+            for row, _ in group:
+                batch.add_row(row.cache)
+            tokens = mx.array([row.prompt[row.begin : row.begin + size] + [PAD_TOKEN] * (width - size)
+                               for row, size in group], mx.int32)
+            padded = min(sizes) < width
+            if padded:
+                mask_padding(batch, sizes)
+            hidden = self.target.hidden(tokens, batch)
+            if padded:
+                unmask_padding(batch, width, sizes)
+            for b, (row, _) in enumerate(group):
+                row.cache = batch.row(b)
+                if row.drafter is not None:
+                    row.drafter.bind(self.target, row.cache)
+        # The rows whose prompt ends here: their first logits in one head pass.
+        ending = [b for b, (row, size) in enumerate(group) if row.begin + size == len(row.prompt)]
+        logits = None
+        if ending:
+            last = mx.concatenate([hidden[b : b + 1, sizes[b] - 1, :] for b in ending])
+            logits = self.target.logits(last)
+        out = []
+        for b, (row, size) in enumerate(group):
+            row_logits = logits[ending.index(b)] if b in ending else None
+            out.append((row, self._after_chunk(row, size, hidden[b : b + 1, :size, :], row_logits)))
+        return out
+
+    def _after_chunk(self, row: _Row, size: int, hidden: mx.array, logits: Optional[mx.array]) -> List[mx.array]:
+        """The chunk's hidden states [1, size, H] of `row`: its drafter reads
+        the newest positions; after the last chunk (`logits`: its first
+        logits) the first token is sampled. Returns the arrays to evaluate."""
         prompt = mx.array(row.prompt, mx.int32)
         start, end = row.begin, row.begin + size
-        hidden = self.target.hidden(prompt[None, start:end], row.cache)
         out = []
-        if end == len(row.prompt):
-            logits = self.target.logits(hidden[:, -1, :])[0]
+        if logits is not None:
             first, _ = sample(logits, row.params, row.prefill_key, recent_tokens(row.prompt, row.params))
             row.head = mx.stack([first.astype(mx.int32), mx.isfinite(logits).all().astype(mx.int32)])
             next_tokens = mx.concatenate([prompt[start + 1 : end], first[None]])
@@ -380,10 +440,9 @@ class BatchGenerator:
         row.last_hidden = hidden[:, -1:, :]
         return _cache_arrays(row.cache) + [x for x in out if x is not None]
 
-    def _start(self, row: _Row) -> List[RowEvent]:
-        """The prefill has ended: emit the first token; the row joins the
-        batch unless it is done already."""
-        first, finite = row.head.tolist()  # evaluated with the chunk
+    def _start(self, row: _Row, first: int, finite: int) -> List[RowEvent]:
+        """The prefill has ended with its first token `first` (`finite`: its
+        logits were): emit it; the row joins the batch unless it is done."""
         row.head = None
         if not finite:
             row.cache = row.drafter = None
@@ -410,7 +469,8 @@ class BatchGenerator:
         self._catch_up()
         self._reshaped = True
         if self.cache is None:
-            self.cache = BatchCache(row.cache)
+            # An empty template, so the first row's own arrays are not kept.
+            self.cache = BatchCache(self.target.make_cache())
             if self.drafter is not None:
                 self.drafter.bind(self.cache)
         self.cache.add_row(row.cache)
@@ -626,6 +686,19 @@ class BatchGenerator:
         # keep the whole batch buffer alive.
         mx.async_eval(_cache_arrays(cache) + [last_hidden] + (drafter.lazy_state() if drafter else []))
         self.prompt_cache.put(saved)
+
+
+def _share_passes(chunks: List[Tuple[_Row, int]]) -> List[List[Tuple[_Row, int]]]:
+    """The step's prefill chunks (row, size) in groups that each run as one
+    target pass: longest first, a chunk joins the group in front while it
+    is at most PREFILL_PAD tokens shorter than that group's longest."""
+    groups: List[List[Tuple[_Row, int]]] = []
+    for chunk in sorted(chunks, key=lambda c: -c[1]):
+        if groups and groups[-1][0][1] - chunk[1] <= PREFILL_PAD:
+            groups[-1].append(chunk)
+        else:
+            groups.append([chunk])
+    return groups
 
 
 def _accept_greedy_rows(logits: mx.array, drafts: mx.array, ks: Sequence[int]) -> Tuple[mx.array, mx.array]:

@@ -166,7 +166,9 @@ def _per_category(summary: ModeSummary, base: ModeSummary) -> Dict[str, float]:
     for r, b in zip(summary.runs, base.runs):
         if b.stats["decode_tokens_per_s"] > 0:
             ratios.setdefault(r.category, []).append(r.stats["decode_tokens_per_s"] / b.stats["decode_tokens_per_s"])
-    return {c: statistics.mean(v) for c, v in ratios.items()}
+    # The median of the paired (same prompt, same round) ratios: with
+    # --rounds, one disturbed run cannot decide a category.
+    return {c: statistics.median(v) for c, v in ratios.items()}
 
 
 def _summarize(summaries: Dict[Any, ModeSummary], costs: Dict[str, float],
@@ -258,6 +260,7 @@ def run_bench(
     echo: Callable[[str], None] = print,
     drafters: Sequence[str] = (),
     lookup_prompts: Optional[List[Dict[str, str]]] = None,
+    rounds: int = 1,
     **overrides: Any,
 ) -> Dict[str, Any]:
     """Run every prompt at k=0 and at each draft length in `num_drafts`
@@ -269,7 +272,9 @@ def run_bench(
     the model's own. `lookup_prompts`: the categories where prompt lookup
     matters (code_edit, doc_qa, json_reformat), run after the others at
     context 0 and reported apart (`report["lookup"]`), so the standard table
-    stays comparable with other tools' figures.
+    stays comparable with other tools' figures. `rounds`: run the suite this
+    many times (odd rounds in reverse mode order); per-category speedups are
+    then medians of the paired ratios, which a noisy machine moves less.
 
     `options` (default `BENCH_OPTIONS`) holds max_tokens, sampling and seed;
     keyword `overrides` change single fields (max_tokens=..., temp=...). Its
@@ -324,26 +329,34 @@ def run_bench(
     def run_suite(items: List[Dict[str, str]], prefix: str, context: int) -> Dict[str, Any]:
         summaries = {0 if m.k == 0 else m.key: ModeSummary(m.k, drafter=m.drafter) for m in modes}
         echo("")
-        for item in items:
-            baseline = None
-            for summary in summaries.values():
-                run = generate(prefix + item["prompt"], summary, max_tokens)
-                run.category, run.context = item["category"], context
-                summary.runs.append(run)
-                s = run.stats
-                echo(
-                    f"{item['category']:<18} " + (f"ctx={context:<6} " if context else "")
-                    + f"{_label(summary):<8} pred={s['generated_tokens']:<4} draft={s['draft_tokens']:<4} "
-                    f"acc={s['accepted_tokens']:<4} rate={s['acceptance_rate']:.3f} "
-                    f"tok/pass={s['tokens_per_pass']:.2f} tok/s={s['decode_tokens_per_s']:.1f} "
-                    f"prefill={s['prefill_tokens_per_s']:.0f} tok/s"
-                )
-                if summary.k == 0:
-                    baseline = run
-                elif check_lossless and run.tokens != baseline.tokens:
-                    mismatches.append((item["category"], summary.key, context))
-                    echo(f"!!! LOSSLESS CHECK FAILED: {item['category']} {_label(summary)} ctx={context} "
-                         "differs from the baseline")
+        for round_index in range(rounds):
+            # Odd rounds run the modes in reverse, so a machine that drifts
+            # over a prompt's runs favours no mode.
+            order = list(summaries.values())
+            if round_index % 2:
+                order.reverse()
+            for item in items:
+                runs: Dict[Any, Run] = {}
+                for summary in order:
+                    run = generate(prefix + item["prompt"], summary, max_tokens)
+                    run.category, run.context = item["category"], context
+                    summary.runs.append(run)
+                    runs[summary.key] = run
+                    s = run.stats
+                    echo(
+                        f"{item['category']:<18} " + (f"ctx={context:<6} " if context else "")
+                        + (f"r{round_index + 1} " if rounds > 1 else "")
+                        + f"{_label(summary):<8} pred={s['generated_tokens']:<4} draft={s['draft_tokens']:<4} "
+                        f"acc={s['accepted_tokens']:<4} rate={s['acceptance_rate']:.3f} "
+                        f"tok/pass={s['tokens_per_pass']:.2f} tok/s={s['decode_tokens_per_s']:.1f} "
+                        f"prefill={s['prefill_tokens_per_s']:.0f} tok/s"
+                    )
+                baseline = runs[summaries[0].key]
+                for summary in order:
+                    if summary.k != 0 and check_lossless and runs[summary.key].tokens != baseline.tokens:
+                        mismatches.append((item["category"], summary.key, context))
+                        echo(f"!!! LOSSLESS CHECK FAILED: {item['category']} {_label(summary)} ctx={context} "
+                             "differs from the baseline")
         echo("" if not context else f"\n-- context {context} tokens")
         return _summarize(summaries, costs, echo)
 
@@ -382,16 +395,21 @@ def plot(report: Dict[str, Any], path: Path) -> None:
     except ImportError as e:
         raise RuntimeError("--plot needs matplotlib: pip install 'mlx-mtp[plot]'") from e
     modes = report["modes"]
-    categories = [r["category"] for r in modes["0"]["runs"]]
+    categories = list(dict.fromkeys(r["category"] for r in modes["0"]["runs"]))  # in order, once each (--rounds)
+
+    def per_category(runs: List[Dict[str, Any]]) -> List[float]:
+        speeds: Dict[str, List[float]] = {}
+        for r in runs:
+            speeds.setdefault(r["category"], []).append(r["stats"]["decode_tokens_per_s"])
+        return [statistics.median(speeds[c]) for c in categories]
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / len(modes)
     for i, (k, entry) in enumerate(modes.items()):
         xs = [j + i * width for j in range(len(categories))]
-        ax1.bar(xs, [r["stats"]["decode_tokens_per_s"] for r in entry["runs"]], width, label=f"k={k}")
+        ax1.bar(xs, per_category(entry["runs"]), width, label=f"k={k}")
         if k != "0":
-            base = modes["0"]["runs"]
-            ax2.bar(xs, [r["stats"]["decode_tokens_per_s"] / max(b["stats"]["decode_tokens_per_s"], 1e-9)
-                         for r, b in zip(entry["runs"], base)], width, label=f"k={k}")
+            ax2.bar(xs, [entry["speedup_per_category"][c] for c in categories], width, label=f"k={k}")
     for ax, title in ((ax1, "decode tok/s"), (ax2, "speedup over k=0")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(categories))], categories, rotation=35, ha="right")
         ax.set_title(title)

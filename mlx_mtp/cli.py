@@ -451,15 +451,12 @@ def _show_notes(model: Any) -> None:
 def _warn_deep_drafts(model: Any, num_drafts: List[Any]) -> None:
     """One warning when a fixed -k drafts deeper than the drafter can use
     (it still runs as asked: -k is the user's to choose)."""
-    from .engine import useful_draft_length
+    from .engine import deep_draft_warning
 
     deepest = max((k for k in num_drafts if isinstance(k, int)), default=0)
-    if model.drafter is None or deepest <= useful_draft_length(model.drafter):
-        return
-    most = useful_draft_length(model.drafter)
-    click.echo(f"warning: -k {deepest} drafts deeper than the {model.drafter.name} drafter can use: drafts past "
-               f"depth {most} are almost never accepted but each costs a draft step (-k auto stays within 0..{most})",
-               err=True)
+    warning = deep_draft_warning(model.drafter, deepest)
+    if warning:
+        click.echo(f"warning: -k {deepest} {warning}", err=True)
 
 
 def _end_stream(as_json: bool, text: List[str]) -> None:
@@ -547,13 +544,16 @@ def _context_lengths(ctx, param, value: Optional[str]) -> List[int]:
 @click.option("--lookup/--no-lookup", "lookup", default=None,
               help="Also run the categories where prompt lookup matters (code_edit, doc_qa, json_reformat), "
                    "reported apart from the standard table. Default: on with the bundled suite, off with --prompts.")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run the suite this many times, odd rounds in reverse mode order; per-category speedups are "
+                   "medians of the paired ratios (steadier figures on a noisy machine).")
 @click.option("--json-out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write every figure to this JSON file.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Save a PNG of tok/s and speedup per category and mode (needs matplotlib).")
 def bench(models: tuple, num_drafts: List[Any], contexts: List[int], max_tokens: int, options: GenerationOptions,
-          prompts_file: Optional[str], drafters: List[str], lookup: Optional[bool], json_out: Optional[str],
-          plot_file: Optional[str]) -> None:
+          prompts_file: Optional[str], drafters: List[str], lookup: Optional[bool], rounds: int,
+          json_out: Optional[str], plot_file: Optional[str]) -> None:
     """Compare plain decoding with drafting, prompt by prompt."""
     from . import bench as bench_mod
     from .defaults import DEFAULT_MODEL_ORDER, demo_model_path
@@ -587,7 +587,7 @@ def bench(models: tuple, num_drafts: List[Any], contexts: List[int], max_tokens:
         try:
             report = bench_mod.run_bench(model, tokenizer, num_drafts=num_drafts, prompts=prompts, contexts=contexts,
                                          options=options.replace(max_tokens=max_tokens), echo=click.echo,
-                                         drafters=drafters, lookup_prompts=lookup_prompts)
+                                         drafters=drafters, lookup_prompts=lookup_prompts, rounds=rounds)
         except ValueError as e:
             _fail(e)
         failed |= bool(report["lossless_mismatches"])
@@ -768,9 +768,11 @@ def convert(src: str, out: str, bits: Optional[int], group_size: Optional[str], 
                              mtp_bits=mtp_bits, mtp_dtype=mtp_dtype, dtype=dtype, progress=not quiet)
     except _checkpoint_errors() as e:
         _fail(e)
-    text = config.get("text_config", config)
-    heads = int(text.get("mtp_num_hidden_layers", 0) or 0)
     from .loading.assistant import bundled_assistant
+    from .models.registry import head_layout
+
+    layout = head_layout(config)
+    heads = layout.declared_layers if layout is not None else 0
 
     bundled = ", assistant/ drafter copied as it is" if bundled_assistant(out) else ""
     click.echo(f"wrote {out} ({config.get('model_type')}, MTP head: {heads} layer(s){bundled})", err=True)

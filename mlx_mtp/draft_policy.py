@@ -209,6 +209,16 @@ DEFAULT_TUNABLES: Dict[str, Any] = {
     # 0 disables.
     "refresh_every": 256,
     "refresh_unmeasured": 3,
+    # Slow start: a cycle drafts at most this many times the k of the
+    # newest drafting cycle (probe_k before any), so neither the first
+    # cycles nor one lucky probe can jump to a deep draft whose cost and
+    # acceptance were never seen together. 0 disables.
+    "growth_limit": 2,
+    # Decode plainly until T(0) has a retained measurement, for at most
+    # this many cycles (plain cycles are the baseline, so they cost
+    # nothing): the first decision then compares drafts against a measured
+    # plain step, not a guess. 0 disables.
+    "plain_first_cycles": 12,
 }
 
 
@@ -291,6 +301,9 @@ class DraftPolicy:
         self._max_spacing = int(cfg["probe_max_spacing"])
         self._refresh_every = int(cfg["refresh_every"])
         self._refresh_unmeasured = int(cfg["refresh_unmeasured"])
+        self._growth_limit = int(cfg["growth_limit"])
+        # A calibration (costs) already knows T(0)'s shape: no need to wait.
+        self._plain_first = int(cfg["plain_first_cycles"]) if costs is None else 0
 
         K = self.k_max
         # Acceptance: decayed accepted / observed counts for depths 1..K
@@ -315,6 +328,7 @@ class DraftPolicy:
         self._since_probe = 0      # parked cycles since the last k > 0 cycle
         self._since_plain = 0      # drafting cycles since the last k = 0 cycle
         self._best = 0             # argmax over all k (with the margin rule)
+        self._last_drafted = 0     # k of the newest cycle that drafted
         self._spacing = self._min_spacing
         self._recompute()
 
@@ -341,7 +355,8 @@ class DraftPolicy:
             raise ValueError("probe_k must be >= 1")
         if not 1 <= int(cfg["probe_min_spacing"]) <= int(cfg["probe_max_spacing"]):
             raise ValueError("need 1 <= probe_min_spacing <= probe_max_spacing")
-        for name in ("warmup_skip", "refresh_every", "refresh_unmeasured"):
+        for name in ("warmup_skip", "refresh_every", "refresh_unmeasured", "growth_limit",
+                     "plain_first_cycles"):
             if int(cfg[name]) < 0:
                 raise ValueError(f"{name} must be >= 0")
 
@@ -349,13 +364,25 @@ class DraftPolicy:
 
     def choose(self) -> int:
         """k for the next cycle, 0..k_max.  O(1); does not change state."""
+        if self._cycles < self._plain_first and self._t_n[0] == 0 and not self._last_drafted:
+            return 0  # no plain step measured yet (see plain_first_cycles)
         if self._best > 0:
             if self._refresh_due():
                 return 0
-            return self._best
+            return self._slow_start(self._best)
         if self._probe_k > 0 and self._since_probe >= self._spacing - 1:
             return self._probe_k
         return 0
+
+    def _slow_start(self, k: int) -> int:
+        if not self._growth_limit:
+            return k
+        last = self._last_drafted
+        if not last:
+            return min(k, max(self._probe_k, 1))
+        # Grow only from a k whose time is measured (its first cycle may be
+        # a discarded warm-up): otherwise run that k again.
+        return min(k, last * self._growth_limit if self._t_n[last] else last)
 
     def update(self, k: int, accepted: int, seconds: float) -> None:
         """Record one finished cycle: k drafted, `accepted` of them kept.
@@ -372,6 +399,7 @@ class DraftPolicy:
 
         if k > 0:
             self._observe_acceptance(k, accepted)
+            self._last_drafted = k
             self._since_probe = 0
             self._since_plain += 1
         else:

@@ -254,22 +254,30 @@ class _PlainClock:
     its own steps' work."""
 
     PLAIN_WINDOW = 32
+    #: The first windows are short, so that a policy that decodes plainly
+    #: until it has measured a plain step (draft_policy's
+    #: plain_first_cycles) gets its measurement within a few tokens.
+    FIRST_WINDOWS = (4, 4)
 
     def __init__(self, policy):
         # Only a policy that learns from plain time needs the windows cut.
         self.enabled = hasattr(policy, "observe_plain")
         self.start: Optional[float] = None
         self.cycles = 0
+        self.reports = 0
+
+    def _window(self) -> int:
+        return self.FIRST_WINDOWS[self.reports] if self.reports < len(self.FIRST_WINDOWS) else self.PLAIN_WINDOW
 
     def due(self) -> bool:
         """The next plain cycle closes a window: do not queue past it."""
-        return self.enabled and self.cycles + 1 >= self.PLAIN_WINDOW
+        return self.enabled and self.cycles + 1 >= self._window()
 
     def tick(self, policy, cycle_start: float, now: float, queued_next: bool) -> None:
         if self.start is None:
             self.start = cycle_start
         self.cycles += 1
-        if self.cycles >= self.PLAIN_WINDOW and not queued_next:
+        if self.cycles >= self._window() and not queued_next:
             self._report(policy, now)
 
     def flush(self, policy, now: float) -> None:
@@ -280,6 +288,7 @@ class _PlainClock:
         if self.enabled:
             policy.observe_plain(self.cycles, now - self.start)
         self.start, self.cycles = None, 0
+        self.reports += 1
 
 
 def _validate(prompt: List[int], num_draft: NumDraft, max_tokens: int, ctx: int) -> None:
@@ -300,6 +309,16 @@ def useful_draft_length(drafter: Drafter) -> int:
     first position), so acceptance falls with depth and published settings
     stay at 3..6: deeper fixed drafts cost steps that are almost never kept."""
     return max(AUTO_MAX_DRAFT, drafter.default_num_draft)
+
+
+def deep_draft_warning(drafter: Optional[Drafter], k: NumDraft) -> Optional[str]:
+    """One line when a fixed draft length `k` is deeper than `drafter` can
+    use (it still runs as asked), else None. Front ends show it once."""
+    if drafter is None or not isinstance(k, int) or k <= useful_draft_length(drafter):
+        return None
+    most = useful_draft_length(drafter)
+    return (f"drafts deeper than the {drafter.name} drafter can use: drafts past depth {most} are "
+            f"almost never accepted but each costs a draft step (auto stays within 0..{most})")
 
 
 def auto_policy(drafter: Drafter, costs: Optional["StepCosts"] = None):

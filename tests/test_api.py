@@ -7,8 +7,9 @@ from mlx_mtp import PromptCache
 def test_generate_and_stream_agree(tiny_model_dir):
     model, tokenizer = mlx_mtp.load(tiny_model_dir)
     assert model.drafter is not None and model.drafter.name == "mtp"
-    text = mlx_mtp.generate(model, tokenizer, "def fib(n):", max_tokens=40)
-    pieces = list(mlx_mtp.stream_generate(model, tokenizer, "def fib(n):", max_tokens=40))
+    # A fixed k: `auto` may park on a tiny model, where drafting cannot pay.
+    text = mlx_mtp.generate(model, tokenizer, "def fib(n):", max_tokens=40, num_draft=3)
+    pieces = list(mlx_mtp.stream_generate(model, tokenizer, "def fib(n):", max_tokens=40, num_draft=3))
     assert "".join(p.text for p in pieces) == text
     tokens = [t for p in pieces for t in p.tokens]
     assert tokenizer.decode(tokens) == text
@@ -43,3 +44,20 @@ def test_chat_history_with_prompt_cache(tiny_model_dir):
     # answer is the one a fresh run gives.
     fresh = mlx_mtp.generate(model, tokenizer, history, max_tokens=12, enable_thinking=False)
     assert "".join(p.text for p in second) == fresh
+
+
+def test_lone_surrogates_become_replacement_characters_with_a_warning(tiny_model_dir):
+    # What Python makes of undecodable bytes (os.fsdecode, surrogateescape)
+    # must not reach the tokenizer, which raises TypeError on it.
+    import pytest
+
+    model, tokenizer = mlx_mtp.load(str(tiny_model_dir))
+    with pytest.warns(UserWarning, match="lone surrogates"):
+        ids = mlx_mtp.api.build_prompt(tokenizer, "def f(\udcff):")
+    assert ids == mlx_mtp.api.build_prompt(tokenizer, "def f(\ufffd):")
+    with pytest.warns(UserWarning, match="lone surrogates"):
+        chat = mlx_mtp.api.build_prompt(tokenizer, [{"role": "user", "content": "x\ud800y"}])
+    assert chat == mlx_mtp.api.build_prompt(tokenizer, [{"role": "user", "content": "x\ufffdy"}])
+    with pytest.warns(UserWarning, match="lone surrogates"):
+        out = mlx_mtp.generate(model, tokenizer, "a\udcffb", max_tokens=4, num_draft=2)
+    assert isinstance(out, str)

@@ -10,6 +10,9 @@ At temperature > 0 a batch reproduces the target distribution (4-token joint,
 Pearson chi-square p > 1e-3, fixed seeds, as tests/test_sampling.py).
 One host sync per cycle; cancel frees the row's arrays; a prompt that extends
 a finished row pre-fills only its new tokens and decodes the same tokens.
+A long prompt joining mid-stream pre-fills one chunk per step while the
+running row keeps producing tokens; joining rows share padded prefill passes
+(recurrent layers masked, KV rows trimmed) and still equal plain decoding.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -22,7 +25,7 @@ from test_sampling import _exact_joint, chi_square_p_value
 import tiny
 from mlx_mtp import SamplingParams, Stats, decode
 from mlx_mtp.api import SpeculativeModel
-from mlx_mtp.batching import BatchGenerator, PromptCacheLRU, RowEvent
+from mlx_mtp.batching import PREFILL_PAD, BatchGenerator, PromptCacheLRU, RowEvent
 from mlx_mtp.drafters import LookupThenModelDrafter, MTPDrafter, NGramDrafter
 from mlx_mtp.drafters.gemma4_assistant import Gemma4AssistantDrafter
 from mlx_mtp.engine import ContextLengthError
@@ -269,6 +272,74 @@ def test_penalties_and_mixed_params(qwen):
         tokens, event = results[i]
         assert tokens == plain(qwen, r["prompt"], r["max_tokens"], params=r["params"]), i
         assert event.stats.draft_tokens > 0
+
+
+# --- prefill while rows decode ------------------------------------------------------------
+
+
+def test_long_prompt_prefills_in_chunks_while_a_row_decodes(qwen):
+    """A long prompt that joins mid-stream pre-fills one chunk per step; the
+    running row gets a cycle, and tokens, in every one of those steps; both
+    rows equal plain decoding (and their single-sequence speculative runs)."""
+    chunk = 8
+    long_prompt = [(7 * i) % 90 + 5 for i in range(10 * chunk + 3)]
+    reqs = [dict(prompt=QWEN_PROMPTS[0], max_tokens=80), dict(prompt=long_prompt, max_tokens=20)]
+    gen = BatchGenerator(qwen, max_batch=4, num_draft=3, prefill_chunk=chunk)
+    running = gen.add(reqs[0]["prompt"], GREEDY, reqs[0]["max_tokens"], ())
+    tokens: Dict[int, List[int]] = {0: [], 1: []}
+    final: Dict[int, RowEvent] = {}
+    ids = {running: 0}
+    during_prefill: List[int] = []  # the running row's new tokens in each step the long prompt pre-filled
+    step = 0
+    while gen.has_work():
+        if step == 3:
+            ids[gen.add(long_prompt, GREEDY, reqs[1]["max_tokens"], ())] = 1
+        prefilling = step >= 3 and not tokens[1]
+        events = gen.step()
+        for e in events:
+            tokens[ids[e.row_id]].extend(e.tokens)
+            if e.finish_reason is not None:
+                final[ids[e.row_id]] = e
+        if prefilling:
+            during_prefill.append(sum(len(e.tokens) for e in events if e.row_id == running))
+        step += 1
+    # One chunk per step: the long prompt's first token comes in the step
+    # its last chunk runs, and the running row decoded in each of them.
+    assert len(during_prefill) == -(-len(long_prompt) // chunk)
+    assert all(n > 0 for n in during_prefill), during_prefill
+    assert sum(during_prefill) < len(tokens[0])  # it was still running afterwards
+    check_lossless(qwen, reqs, {i: (tokens[i], final[i]) for i in (0, 1)}, k=3, every_row_rejects=False)
+
+
+@pytest.mark.parametrize("which", ["qwen", "gemma"])
+def test_joining_rows_share_padded_prefill_passes(qwen, which, monkeypatch):
+    """Rows joining together pre-fill in one target pass: shorter chunks are
+    padded (Gated-DeltaNet masked, KV rows trimmed, Gemma's sliding rows
+    compacting every few tokens), a row mid-prefill joins fresh ones, and
+    every row still equals plain decoding and its own speculative run."""
+    if which == "gemma":
+        monkeypatch.setattr(RaggedKVCache, "step", 3)
+        monkeypatch.setattr(SlidingWindowCache, "step", 3)
+    model = qwen if which == "qwen" else _gemma("dense", "gemma4_text", False)
+    prompts = QWEN_PROMPTS if which == "qwen" else GEMMA_PROMPTS
+    # With 16 tokens a step, oldest first: a long prompt's last chunk next to
+    # the first chunks of rows that joined after it.
+    picks, arrivals = ((2, 6, 0, 1, 3), (0, 0, 1, 1, 2)) if which == "qwen" else ((0, 2, 4, 6, 1), (0, 1, 1, 1, 2))
+    reqs = [dict(prompt=prompts[i], max_tokens=MAX_TOKENS[i] // 2 + 6, at=a) for i, a in zip(picks, arrivals)]
+    gen = BatchGenerator(model, max_batch=5, num_draft=3, prefill_chunk=16)
+    passes: List[List[Tuple[int, int]]] = []
+    real = gen._prefill_pass
+    monkeypatch.setattr(gen, "_prefill_pass",
+                        lambda group: passes.append([(row.begin, size) for row, size in group]) or real(group))
+    results = run_batch(gen, reqs)
+    check_lossless(model, reqs, results, k=3, every_row_rejects=False)
+    shared = [p for p in passes if len(p) > 1]
+    assert max(len(p) for p in shared) >= 3, passes  # several joining rows in one pass
+    assert any(len({size for _, size in p}) > 1 for p in shared), passes  # padded
+    assert any(any(begin > 0 for begin, _ in p) for p in shared), passes  # a row with cached state among them
+    for p in shared:
+        sizes = [size for _, size in p]
+        assert max(sizes) - min(sizes) <= PREFILL_PAD
 
 
 # --- sampling -----------------------------------------------------------------------------

@@ -51,3 +51,26 @@ def test_bench_bad_prompt_file(tmp_path):
     bad.write_text("not json\n")
     result = CliRunner().invoke(main, ["bench", "--prompts", str(bad)])
     assert result.exit_code == 1 and "error:" in result.output and "Traceback" not in result.output
+
+
+def test_bench_rounds_alternate_the_mode_order_and_take_medians(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"category": "code", "prompt": "def f(x):"}\n{"category": "chat", "prompt": "hello"}\n')
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        main, ["bench", "-m", str(tiny_model_dir), "-k", "2", "-n", "8", "--prompts", str(prompts),
+               "--rounds", "3", "--json-out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "lossless check: every mode reproduced the baseline tokens exactly" in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith(("code ", "chat "))]
+    # Round 1 runs k=0 first, round 2 k=2 first, round 3 k=0 first again.
+    firsts = [line for line in lines if line.split()[0] == "code"][::2]
+    assert [(" r1 " in f, " r2 " in f, "k=0" in f) for f in firsts] == [
+        (True, False, True), (False, True, False), (False, False, True)]
+    report = json.loads(out.read_text())
+    mode, base = report["modes"]["2"], report["modes"]["0"]
+    assert mode["aggregate"]["n_requests"] == 6
+    ratios = [r["stats"]["decode_tokens_per_s"] / b["stats"]["decode_tokens_per_s"]
+              for r, b in zip(mode["runs"], base["runs"]) if r["category"] == "code"]
+    assert len(ratios) == 3 and mode["speedup_per_category"]["code"] == sorted(ratios)[1]

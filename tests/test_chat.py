@@ -232,11 +232,14 @@ def test_app_toggle_drafting_and_commands(loaded):
             await _send(app, pilot, "/system be brief")
             assert app.session.system == "be brief" and app.session.tokens is None
             await _send(app, pilot, "/draft lots")
+            await _send(app, pilot, "/draft 12")  # runs as asked, with the CLI's depth warning
+            assert app.session.num_draft == 12
             await _send(app, pilot, "/nope")
             from mlx_mtp.apps.chat.app import Notice
 
             errors = [str(n.render()) for n in app.chat_screen.query(Notice) if n.has_class("-error")]
             assert any("/draft N" in e for e in errors) and any("Unknown command /nope" in e for e in errors)
+            assert any("/draft 12 drafts deeper than the mtp drafter can use" in e for e in errors)
             await _send(app, pilot, "/stats")
             await _send(app, pilot, "/help")
             await _send(app, pilot, "after the settings")

@@ -283,6 +283,22 @@ def test_convert_refuses_nan_and_inf_and_leaves_nothing(nan_dir, tmp_path):
     assert tree_hash(nan_dir) == before
 
 
+def test_convert_to_float16_refuses_values_that_overflow(src, tmp_path):
+    # bfloat16 / float32 weights can hold magnitudes float16 turns into Inf:
+    # the cast must not write silent garbage (the NaN / Inf scan reads the
+    # source, which is finite).
+    def scale(w):
+        w[NAN_TENSOR] = w[NAN_TENSOR] * 0 + 1.0e6
+
+    big = corrupt_copy(src, tmp_path / "big", scale)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError) as e:
+        convert(big, out, dtype="float16", max_shard_bytes=16 << 10, progress=False)
+    assert "\n" not in str(e.value) and "does not fit float16" in str(e.value) and "--dtype bfloat16" in str(e.value)
+    assert not out.exists()
+    convert(big, tmp_path / "bf16", dtype="bfloat16", progress=False)  # bfloat16 holds it
+
+
 def test_inspect_verify(nan_dir, src):
     with pytest.raises(CheckpointError, match=r"2 tensor\(s\) hold NaN or Inf"):
         inspect_path(str(nan_dir), verify=True)

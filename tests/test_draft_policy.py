@@ -197,14 +197,31 @@ def test_step_costs_round_trip_and_model():
 # The policy: bookkeeping and the interface
 
 
-def test_policy_starts_drafting_without_costs_and_choose_is_pure():
+def test_policy_measures_a_plain_step_first_without_costs_and_choose_is_pure():
     policy = DraftPolicy(K_MAX)
-    k = policy.choose()
-    assert 1 <= k <= K_MAX  # the mildly optimistic prior drafts at once
-    assert policy.choose() == k  # no state change
-    assert policy.reason() is None
+    # No calibration: decode plainly (the baseline, free) until a plain
+    # step is measured, so the first decision compares against a measured
+    # T(0) rather than a guess.
+    assert policy.choose() == 0
+    assert policy.choose() == 0  # no state change
     assert policy.acceptance_per_depth == [DEFAULT_TUNABLES["prior_acceptance"]] * K_MAX
     assert policy.histogram == {} and policy.parked_fraction == 0.0
+    policy.update(0, 0, None)
+    policy.observe_plain(4, 4.0)  # the first report is a discarded warm-up
+    assert policy.choose() == 0
+    policy.update(0, 0, None)
+    policy.observe_plain(4, 4.0)
+    # The mildly optimistic prior then drafts, starting at probe_k (slow start).
+    assert policy.choose() == DEFAULT_TUNABLES["probe_k"]
+    assert policy.reason() is None
+
+
+def test_plain_first_gives_up_when_no_plain_time_arrives():
+    policy = DraftPolicy(K_MAX)
+    for _ in range(DEFAULT_TUNABLES["plain_first_cycles"]):
+        assert policy.choose() == 0
+        policy.update(0, 0, None)  # a caller that never times plain cycles
+    assert policy.choose() > 0
 
 
 def test_warm_start_decides_from_the_first_cycle():
@@ -212,8 +229,43 @@ def test_warm_start_decides_from_the_first_cycle():
     assert DraftPolicy(K_MAX, costs_of(TINY)).reason().startswith("parked:")
     gpu = DraftPolicy(K_MAX, costs_of(GPU))
     prior = gpu.acceptance_per_depth
-    assert gpu.choose() == brute_best(prior, GPU, K_MAX) >= 3
-    assert gpu.expected_rate(gpu.choose()) > gpu.expected_rate(0)
+    best = brute_best(prior, GPU, K_MAX)
+    assert best >= 3 and gpu.expected_rate(best) > gpu.expected_rate(0)
+    # It drafts from the first cycle, but slow start caps the first draft at
+    # probe_k and grows it x2 per measured k while drafts keep landing.
+    seen = []
+    for _ in range(12):
+        k = gpu.choose()
+        seen.append(k)
+        gpu.update(k, k, GPU(k))
+    assert seen[0] == DEFAULT_TUNABLES["probe_k"]
+    drafted = [k for k in seen if k]  # a plain cycle now and then refreshes T(0)
+    assert all(b <= 2 * a for a, b in zip(drafted, drafted[1:])), seen
+    assert seen[-1] == K_MAX  # every draft accepted: the deepest k pays
+
+
+def test_after_parking_drafts_grow_back_at_most_twofold_per_cycle():
+    # Park on a drafter that is always wrong; then every draft lands. Slow
+    # start: the probe, then at most 2x the previous drafting k, so one lucky
+    # probe cannot jump straight to a deep draft.
+    def drafting_ks():
+        policy = DraftPolicy(K_MAX, costs_of(CPU))
+        for _ in range(40):
+            k = policy.choose()
+            policy.update(k, 0, CPU(k))
+        assert policy.parked
+        ks = []
+        for _ in range(600):
+            k = policy.choose()
+            if k:
+                ks.append(k)
+            policy.update(k, k, CPU(k))
+        return ks
+
+    ks = drafting_ks()
+    assert ks[0] == DEFAULT_TUNABLES["probe_k"]
+    assert all(b <= 2 * a for a, b in zip(ks, ks[1:])), ks
+    assert ks[-1] == K_MAX
 
 
 def test_prior_gives_way_to_evidence_within_a_handful_of_cycles():

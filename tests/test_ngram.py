@@ -328,6 +328,8 @@ def test_source_policies_route_each_cycle_to_its_source():
     lookup, model = DraftPolicy(10), DraftPolicy(6)
     policies = SourcePolicies(lookup, model)
     assert policies.k_max == 10
+    for _ in range(2):  # a measured plain step first (plain_first_cycles); the first is a warm-up
+        policies.observe_plain(4, 0.02)
     assert policies.select(True) and policies.choose() == lookup.choose()
     policies.update(4, 4, 0.01)
     assert lookup.cycles == 1 and model.cycles == 0

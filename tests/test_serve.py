@@ -31,12 +31,12 @@ from mlx_mtp.api import build_prompt  # noqa: E402
 from mlx_mtp.apps.serve import ServeConfig, make_server  # noqa: E402
 from mlx_mtp.apps.serve.app import chat_messages  # noqa: E402
 from mlx_mtp.apps.serve.formats import GEMMA4, QWEN, detect  # noqa: E402
-from mlx_mtp.apps.serve.parse import CALL, CONTENT, REASONING, OutputParser  # noqa: E402
+from mlx_mtp.apps.serve.parse import CALL, CONTENT, REASONING, OutputParser, close_json, merge_calls  # noqa: E402
 from mlx_mtp.apps.serve.schemas import ChatMessage  # noqa: E402
 from mlx_mtp.batching import RowEvent  # noqa: E402
 from mlx_mtp.engine import Stats  # noqa: E402
 
-from test_templates import QWEN36_TEMPLATE, WEATHER  # noqa: E402
+from test_templates import GEMMA4_TEMPLATE, QWEN36_TEMPLATE, WEATHER, _tokenizers  # noqa: E402
 
 MODEL = "demo-qwen"
 API_KEY = "sk-test-key"
@@ -431,15 +431,18 @@ TYPED_WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
 
 
-def _parse(markup, text: str, step: int, **kwargs):
+def _feed(markup, text: str, step: int, **kwargs):
     parser = OutputParser(markup, **kwargs)
     deltas = []
     for i in range(0, len(text), step):
         deltas += parser.feed(text[i:i + step])
-    deltas += parser.finish()
+    return deltas + parser.finish()
+
+
+def _parse(markup, text: str, step: int, **kwargs):
+    deltas = _feed(markup, text, step, **kwargs)
     joined = {kind: "".join(d.text for d in deltas if d.kind == kind) for kind in (REASONING, CONTENT)}
-    calls = [(d.call["function"]["name"], json.loads(d.call["function"]["arguments"]))
-             for d in deltas if d.kind == CALL]
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in merge_calls(deltas)]
     return joined[REASONING], joined[CONTENT], calls
 
 
@@ -458,11 +461,56 @@ def test_markup_without_tools_or_broken_stays_text():
     assert _parse(QWEN, "a " + QWEN_JSON_CALL, 3) == ("", "a " + QWEN_JSON_CALL, [])
     broken = "<tool_call>\nnot a call\n</tool_call>"
     assert _parse(QWEN, broken, 1, tools=[])[1] == broken
-    assert _parse(GEMMA4, '<|tool_call>call:f{a:<|"|>x}<tool_call|>', 4, tools=[])[2] == []
+    assert _parse(GEMMA4, "<|tool_call>f{a:1}<tool_call|>", 4, tools=[])[1] == "<|tool_call>f{a:1}<tool_call|>"
+    # Once its name has streamed a call stays a call: a body broken off
+    # after that still ends as valid JSON (what was sent, closed).
+    assert _parse(GEMMA4, '<|tool_call>call:f{a:<|"|>x}<tool_call|>', 4, tools=[])[2] == [("f", {"a": "x}"})]
     # A Qwen string parameter stays a string even when it looks like a number.
     assert _parse(QWEN, QWEN_XML_CALL.replace("Paris", "42"), 5, tools=[TYPED_WEATHER])[2][0][1]["city"] == "42"
     assert detect('{{ "<|tool_call>" }}', {}) is GEMMA4 and detect("x", {"<|channel>": 5}) is GEMMA4
     assert detect(QWEN36_TEMPLATE, {}) is QWEN
+
+
+LONG_CITY = "Saint-Rémy-de-Provence \"old town\" \\ north"
+
+
+@pytest.mark.parametrize("markup,text", [
+    (QWEN, "<tool_call>\n<function=get_weather>\n<parameter=city>\n" + LONG_CITY +
+     "\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"),
+    (QWEN, '<tool_call>\n{"name": "get_weather", "arguments": {"city": ' + json.dumps(LONG_CITY) +
+     ', "days": 3}}\n</tool_call>'),
+    (GEMMA4, '<|tool_call>call:get_weather{city:<|"|>' + LONG_CITY + '<|"|>,days:3}<tool_call|>'),
+], ids=["qwen-xml", "qwen-json", "gemma4"])
+def test_tool_call_arguments_stream_as_deltas(markup, text):
+    """OpenAI's streamed form: the call's first delta has its index, id,
+    type and name with "" arguments; the others only pieces of the
+    arguments, which arrive as the model writes them and join, however the
+    text is split, to the same JSON text, which is the call's arguments."""
+    body = text[len(markup.call_open):-len(markup.call_close)]
+    expected = markup.parse_call(body, [TYPED_WEATHER])[1]
+    joined = set()
+    for step in (1, 3, 8, 10_000):
+        deltas = [d.call for d in _feed(markup, text, step, tools=[TYPED_WEATHER]) if d.kind == CALL]
+        first, rest = deltas[0], deltas[1:]
+        assert first["id"].startswith("call_") and first["type"] == "function" and first["index"] == 0
+        assert first["function"] == {"name": "get_weather", "arguments": ""}
+        assert all(set(d) == {"index", "function"} and set(d["function"]) == {"arguments"} for d in rest)
+        pieces = [d["function"]["arguments"] for d in rest]
+        if step == 1:  # the city streams character by character, not as one piece
+            assert len(pieces) > len(LONG_CITY) // 2, pieces
+        (call,) = merge_calls(_feed(markup, text, step, tools=[TYPED_WEATHER]))
+        assert "".join(pieces) == call["function"]["arguments"]
+        joined.add("".join(pieces))
+    (arguments,) = joined
+    assert json.loads(arguments) == expected
+
+
+def test_a_call_cut_off_still_gives_valid_json():
+    for prefix in ['{"a": "x', '{"a', '{"a": ', '{"a": 1,', '{"a": tr', '{"a": [1, {"b": "c\\', "{", ""]:
+        assert isinstance(json.loads(close_json(prefix)), dict), prefix
+    # max_tokens ends the reply inside a call whose arguments were streaming.
+    (call,) = merge_calls(_feed(QWEN, '<tool_call>\n{"name": "f", "arguments": {"path": "/tm', 2, tools=[]))
+    assert json.loads(call["function"]["arguments"]) == {"path": "/tm"}
 
 
 def test_tool_messages_reach_the_template():
@@ -510,7 +558,8 @@ def test_tool_call_round_trip(qwen36):
                                                      stream=True))
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         streamed = [tc for d in deltas for tc in (d.tool_calls or [])]
-        assert [(tc.index, tc.function.name) for tc in streamed] == [(0, "get_weather")]
+        assert [(tc.index, tc.function.name) for tc in streamed if tc.function.name] == [(0, "get_weather")]
+        assert "".join(tc.function.arguments or "" for tc in streamed) == call.function.arguments
         assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "Let me check."
         assert not "".join(d.content or "" for d in deltas)
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
@@ -525,6 +574,42 @@ def test_tool_call_round_trip(qwen36):
         r = client.chat.completions.create(model=MODEL, messages=question, tools=[TYPED_WEATHER], tool_choice="none")
         assert "<tools>" not in tokenizer.decode(generator.prompts[-1])
         assert r.choices[0].message.tool_calls is None and "<tool_call>" in r.choices[0].message.content
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("fmt", ["qwen", "gemma4"])
+def test_streamed_tool_call_arguments_with_the_openai_client(qwen36, fmt):
+    """Through the server and the official client: the call's first chunk
+    names it, later chunks carry only argument pieces (many, as the model
+    writes them), and they join to the non-streamed reply's arguments."""
+    model, tokenizer = qwen36
+    city = LONG_CITY
+    if fmt == "qwen":
+        answer = "Let me check.\n</think>\n\n" + QWEN_XML_CALL.replace("Paris", city)
+    else:  # a Gemma 4 template and vocabulary: the server reads Gemma 4's markup
+        hf, tokenizer = _tokenizers(GEMMA4_TEMPLATE, gemma=True)
+        city = city.replace("é", "e")  # the fixture's char-level vocabulary is ASCII
+        answer = GEMMA4_CALL.replace("Paris", city)
+        hf.add_tokens(sorted({c for c in answer if hf.decode(hf.encode(c, add_special_tokens=False)) != c}))
+    generator = ScriptedGenerator(tokenizer.encode(answer, add_special_tokens=False), per_step=2)
+    running = start(model, tokenizer, generator=generator)
+    try:
+        client = running.client()
+        question = user("Weather in Paris?")
+        whole = client.chat.completions.create(model=MODEL, messages=question, tools=[TYPED_WEATHER])
+        (call,) = whole.choices[0].message.tool_calls
+        assert json.loads(call.function.arguments) == {"city": city, "days": 3}
+        chunks = list(client.chat.completions.create(model=MODEL, messages=question, tools=[TYPED_WEATHER],
+                                                     stream=True))
+        streamed = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        first, rest = streamed[0], streamed[1:]
+        assert (first.index, first.id, first.type, first.function.name) == (0, first.id, "function", "get_weather")
+        assert first.id.startswith("call_") and first.function.arguments == ""
+        assert all(tc.index == 0 and tc.id is None and tc.function.name is None for tc in rest)
+        assert len(rest) > 10  # piece by piece, not one delta at the end
+        assert "".join(tc.function.arguments for tc in rest) == call.function.arguments
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
     finally:
         running.stop()
 

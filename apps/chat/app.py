@@ -697,9 +697,13 @@ class ChatApp(App):
     def _cmd_draft(self, arg: str) -> None:
         if self.session.model.drafter is None:
             raise ValueError(f"this model has no drafter ({self._drafter_note()})")
+        from mlx_mtp.engine import deep_draft_warning, useful_draft_length
+
+        drafter = self.session.model.drafter
         if arg.strip() == "auto":
             self.session.num_draft = self._saved_k = "auto"
-            self.note("Adaptive draft length: 0..6 per cycle, parked at 0 when drafting does not pay")
+            self.note(f"Adaptive draft length: 0..{useful_draft_length(drafter)} per cycle, "
+                      "parked at 0 when drafting does not pay")
             return
         try:
             k = int(arg)
@@ -711,6 +715,9 @@ class ChatApp(App):
         if k:
             self._saved_k = k
         self.note(f"Drafting {k} tokens per cycle" if k else "Drafting off (plain decoding)")
+        warning = deep_draft_warning(drafter, k)
+        if warning:
+            self.note(f"warning: /draft {k} {warning}", error=True)
 
     def _cmd_mtp(self, arg: str) -> None:
         on_ = self._on_off(arg, "/mtp")

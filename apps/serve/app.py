@@ -30,7 +30,7 @@ from mlx_mtp.engine import ContextLengthError
 from mlx_mtp.sampling import SamplingParams
 
 from .formats import Markup, detect
-from .parse import CALL, CONTENT, REASONING, Delta, OutputParser
+from .parse import CALL, CONTENT, REASONING, Delta, OutputParser, merge_calls
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, unsupported
 from .text import TextStream
 from .worker import Added, Failed, Job, Worker
@@ -443,7 +443,7 @@ async def _chat_whole(row: Row, parser: OutputParser, meta: Dict[str, Any], prom
         deltas += parser.feed(piece) + (parser.finish() if finish else [])
     reasoning = "".join(d.text for d in deltas if d.kind == REASONING)
     content = "".join(d.text for d in deltas if d.kind == CONTENT)
-    calls = [d.call for d in deltas if d.kind == CALL]
+    calls = merge_calls(deltas)  # the streamed pieces, joined: the same arguments either way
     message: Dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
     if reasoning:
         message["reasoning_content"] = reasoning

@@ -178,7 +178,7 @@ class BatchMTPDrafter(BatchDrafter):
             if j > 0:
                 g = self.model.mtp(self.model.embed(tokens[-1][:, None]), g, self.cache)
                 self.speculative_entries += 1
-            token, q = sample_rows(self.model.logits(g)[:, -1], params, [s[j] for s in step_keys], histories)
+            token, q = sample_rows(self.model.mtp_logits(g)[:, -1], params, [s[j] for s in step_keys], histories)
             tokens.append(token)
             probs.append(q)
         return mx.stack(tokens, axis=1), _stack_probs(probs, params)

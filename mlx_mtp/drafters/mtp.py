@@ -59,7 +59,7 @@ class MTPDrafter(Drafter):
             if j > 0:
                 g = self.model.mtp(self.model.embed(tokens[-1].reshape(1, 1)), g, self.cache)
                 self.speculative_entries += 1
-            token, q = sample(self.model.logits(g)[0, -1], params, keys[j], history)
+            token, q = sample(self.model.mtp_logits(g)[0, -1], params, keys[j], history)
             if history is not None:
                 history = mx.concatenate([history, token.reshape(1)])
             tokens.append(token)

@@ -2,7 +2,12 @@
 mlx-lm's layout that keep the MTP head.
 
 The output loads in mlx-mtp with its drafter, and plain `mlx_lm.load` loads
-the trunk (mlx-lm drops `mtp.*` itself). Heads can stay at a higher
+the trunk: the head is written under the family's own stored names
+(`HeadLayout.stored_key`: `mtp.*` for Qwen, `model.layers.L.*` for the
+nextn families, `model.mtp_layers.K.*` for MiMo), which our loaders read
+back into `mtp` and mlx-lm's `sanitize` drops; where mlx-lm would keep them
+(`mlx_lm_drops_head`), the head goes to `mtp.safetensors` beside the shards,
+which mlx-lm's `model*.safetensors` glob never reads. Heads can stay at a higher
 precision than the trunk: they are recorded as per-layer overrides in
 `config.json`'s "quantization" (a dict for a quantized layer, `false` for
 one kept in float).
@@ -35,6 +40,9 @@ TOKENIZER_GLOBS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "*.tiktoken", "*.jinja", "generation_config.json",
                    "chat_template.json")
 SHARD_BYTES = 5 << 30
+#: Where convert and graft put a head that plain mlx-lm would not drop: our
+#: loaders read `mtp*.safetensors` beside the shards, mlx-lm's glob misses it.
+HEAD_SIDE_FILE = "mtp.safetensors"
 
 
 def quant_params(mode: str, bits: Optional[int], group_size: Optional[int]) -> Dict[str, Any]:
@@ -54,11 +62,18 @@ def quant_params(mode: str, bits: Optional[int], group_size: Optional[int]) -> D
 
 
 class ShardWriter:
-    """Writes tensors into model-XXXXX-of-YYYYY.safetensors files as they
-    come, then the index; keeps at most one shard in memory."""
+    """Writes tensors into {prefix}-XXXXX-of-YYYYY.safetensors files as they
+    come, then the index; keeps at most one shard in memory. `rename` maps
+    a module-path name to its name on disk; `head_apart` sends the head's
+    tensors to shards of their own, `mtp.safetensors` or
+    `mtp-XXXXX-of-YYYYY.safetensors` (which our loaders read, mlx-lm's glob
+    does not), listed in the same index."""
 
-    def __init__(self, path: Path, max_bytes: int = SHARD_BYTES):
-        self.path, self.max_bytes = Path(path), max_bytes
+    def __init__(self, path: Path, max_bytes: int = SHARD_BYTES, rename: Optional[Callable[[str], str]] = None,
+                 head_apart: bool = False, prefix: str = "model"):
+        self.path, self.max_bytes, self.prefix = Path(path), max_bytes, prefix
+        self.rename = rename or (lambda name: name)
+        self.head = ShardWriter(path, max_bytes, prefix=HEAD_SIDE_FILE.split(".")[0]) if head_apart else None
         self.path.mkdir(parents=True, exist_ok=True)
         self.pending: Dict[str, mx.array] = {}
         self.pending_bytes = 0
@@ -67,6 +82,10 @@ class ShardWriter:
         self.total = 0
 
     def add(self, name: str, value: mx.array) -> None:
+        if self.head is not None and is_head(name):
+            self.head.add(self.rename(name), value)
+            return
+        name = self.rename(name)
         mx.eval(value)
         if self.pending and self.pending_bytes + value.nbytes > self.max_bytes:
             self.flush()
@@ -78,21 +97,29 @@ class ShardWriter:
         if not self.pending:
             return
         i = len(self.files)
-        tmp = self.path / f"model-shard-{i:05d}.safetensors"
+        tmp = self.path / f"{self.prefix}-shard-{i:05d}.safetensors"
         mx.save_safetensors(str(tmp), self.pending, metadata={"format": "mlx"})
         self.files.append(tmp)
         for k in self.pending:
             self.weight_map[k] = i
         self.pending, self.pending_bytes = {}, 0
 
-    def close(self) -> None:
+    def _finish(self) -> Dict[str, str]:
+        """Write what is pending, give the shards their final names; returns
+        the weight map."""
         self.flush()
-        n = len(self.files)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        n, p = len(self.files), self.prefix
+        names = [f"{p}.safetensors"] if n == 1 else [f"{p}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for tmp, name in zip(self.files, names):
             tmp.rename(self.path / name)
-        index = {"metadata": {"total_size": self.total},
-                 "weight_map": {k: names[i] for k, i in sorted(self.weight_map.items())}}
+        return {k: names[i] for k, i in self.weight_map.items()}
+
+    def close(self) -> None:
+        weight_map, total = self._finish(), self.total
+        if self.head is not None:
+            weight_map.update(self.head._finish())
+            total += self.head.total
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         with open(self.path / "model.safetensors.index.json", "w") as f:
             json.dump(index, f, indent=4)
 
@@ -104,7 +131,56 @@ def _build_lazy(config: Dict[str, Any]) -> nn.Module:
     return model_class(args_class.from_dict(copy.deepcopy(config)))
 
 
+def mlx_lm_drops_head(config: Dict[str, Any], head: Dict[str, Tuple[int, ...]]) -> bool:
+    """Whether plain mlx-lm's own `sanitize` for this config throws away the
+    head tensors `head` (stored name -> shape), so they may sit in the
+    shards `mlx_lm.load` reads. Asked of mlx-lm itself, on placeholders
+    never computed, since its families differ: Qwen3.5 drops `mtp.*` always,
+    GLM drops layer `num_hidden_layers`, DeepSeek-V3 only `model.layers.61`
+    (its real depth), Qwen3-Next only while it stacks raw per-expert tensors."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        model_class, args_class = _get_classes(config)
+        kept = model_class(args_class.from_dict(copy.deepcopy(config))).sanitize(
+            {name: mx.zeros(shape, mx.float16) for name, shape in head.items()})
+    except Exception:  # mlx-lm lacks the family or chokes on a head alone: keep the head out of its sight
+        return False
+    return not any(name in kept for name in head)
+
+
+def keeps_head_apart(config: Dict[str, Any], model: nn.Module) -> bool:
+    """Whether the head must go to files of its own beside the shards
+    (mlx-lm would keep it in the shards and refuse them), so `mlx_lm.load`
+    keeps loading the trunk."""
+    from mlx.utils import tree_flatten
+
+    if "mtp" not in model:
+        return False
+    rename = head_namer(config)
+    head = {rename(f"mtp.{k}"): tuple(v.shape) for k, v in tree_flatten(model.mtp.parameters())}
+    return not mlx_lm_drops_head(config, head)
+
+
+def head_namer(config: Dict[str, Any]) -> Callable[[str], str]:
+    """Module-path tensor name -> the name mlx-mtp stores it under: the
+    head's tensors as the family stores its head (`mtp.layers.0.enorm.weight`
+    -> `model.layers.46.enorm.weight` for GLM), everything else as it is.
+    mlx-lm's own `sanitize` drops exactly those names (the nextn layer,
+    `model.mtp_layers.*`, `mtp.*`), so plain `mlx_lm.load` still loads the
+    trunk of what convert and graft write."""
+    from ..models.registry import head_layout
+
+    layout = head_layout(config)
+    if layout is None:
+        return lambda name: name
+    return lambda name: layout.stored_key(name) if is_head(name) else name
+
+
 def is_head(path: str) -> bool:
+    """Whether a module path is the MTP head's. Every family's sanitize puts
+    its head (`mtp.*`, `model.layers.L.*`, `model.mtp_layers.K.*` on disk)
+    under our module `mtp`, so the plan needs no per-family names."""
     return path.startswith("mtp.")
 
 
@@ -148,6 +224,18 @@ class Plan:
         return self.dtype
 
 
+def _cast_checked(name: str, value: mx.array, dtype: mx.Dtype) -> mx.array:
+    """`value` as `dtype`; a finite tensor that a narrower type turns into
+    Inf (float16 tops out at 65504; bfloat16 weights may not) is refused in
+    one line rather than written as silent garbage."""
+    cast = value.astype(dtype)
+    if dtype == mx.float16 and value.dtype != mx.float16 and bool(mx.any(mx.isinf(cast)).item()):
+        peak = float(mx.max(mx.abs(value.astype(mx.float32))).item())
+        raise CheckpointError(f"{name} does not fit float16 (largest magnitude {peak:.4g} > 65504): "
+                              "convert with --dtype bfloat16 or float32")
+    return cast
+
+
 def _quantize(w: mx.array, params: Dict[str, Any], dtype: Optional[mx.Dtype]) -> Dict[str, mx.array]:
     if dtype is not None and params["mode"] == "affine":
         w = w.astype(dtype)
@@ -174,15 +262,18 @@ def _module_groups(weights: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any
 
 
 def write_weights(out: Path, tensors: Iterator[Tuple[str, Dict[str, Any]]], plan: Plan, total: int,
-                  progress: bool = True, max_shard_bytes: int = SHARD_BYTES, source: str = "the source") -> int:
-    """Stream (module path, {leaf: array | QuantTensor-like}) through `plan` into shards.
+                  progress: bool = True, max_shard_bytes: int = SHARD_BYTES, source: str = "the source",
+                  rename: Optional[Callable[[str], str]] = None, head_apart: bool = False) -> int:
+    """Stream (module path, {leaf: array | QuantTensor-like}) through `plan` into shards,
+    each tensor stored as `rename(name)` (default: its module path), the
+    head's in shards of their own with `head_apart` (`ShardWriter`).
     Every source array is checked for NaN / Inf first; after a bad one the
     rest is only scanned (to name them all), and CheckpointError follows."""
     from tqdm.auto import tqdm
 
     from .tensors import NonFinite
 
-    writer = ShardWriter(out, max_shard_bytes)
+    writer = ShardWriter(out, max_shard_bytes, rename, head_apart)
     scan = NonFinite()
     count = 0
     for path, leaves in tqdm(tensors, total=total, desc="converting", unit="tensor", disable=not progress):
@@ -217,13 +308,16 @@ def write_weights(out: Path, tensors: Iterator[Tuple[str, Dict[str, Any]]], plan
             for leaf, v in _quantize(leaves.pop("weight"), target, dt).items():
                 writer.add(f"{path}.{leaf}", v)
             plan.quantization[path] = target
-        elif target is False and is_head(path):
+        elif target is False and is_head(path) and "weight" in leaves:
+            # Only a group with the module's weight decides how it is stored: a
+            # source may stream a module's bias apart from its (quantized)
+            # weight, and that must not mark the module float.
             plan.quantization[path] = False
         for leaf, v in leaves.items():
             name = f"{path}.{leaf}" if path else leaf
             dt = plan.float_dtype(name)
             if dt is not None and mx.issubdtype(v.dtype, mx.floating):
-                v = v.astype(dt)
+                v = _cast_checked(name, v, dt)
             writer.add(name, v)
         count += 1
     error = scan.error(source)
@@ -237,12 +331,14 @@ def _source_tensors_hf(path: Path, model: nn.Module, config: Dict[str, Any]) -> 
     """All weights of an HF / MLX / FP8 safetensors checkpoint, lazily,
     sanitized into our module layout (norm shift, conv1d, experts as mlx-lm
     does) and checked to fit the model."""
-    from .safetensors import read_side_head
+    from ..models.registry import head_layout
+    from .safetensors import offer_side_head, read_side_head
     from .tensors import read_weights
 
-    if hasattr(model, "side_head"):  # a head in its own file beside the trunk (mtp.safetensors)
-        model.side_head = read_side_head(path, config)
-    weights = model.sanitize(read_weights(path, config))
+    # A head in its own file beside the trunk (mtp.safetensors), whatever the
+    # family: sanitize turns it, like one in the shards, into `mtp.*`.
+    weights = offer_side_head(model, read_weights(path, config), read_side_head(path, config), head_layout(config))
+    weights = model.sanitize(weights)
     _check_fits(model, weights, path)
     return weights
 
@@ -367,7 +463,8 @@ def convert(
         config.pop("quantization_config", None)
         (config.get("text_config") or {}).pop("quantization_config", None)  # FP8 repos may nest it
     plan = Plan(model, trunk, head, DTYPES.get(dtype) if dtype else None, DTYPES.get(mtp_dtype) if mtp_dtype else None)
-    write_weights(out, groups, plan, total, progress=progress, max_shard_bytes=max_shard_bytes, source=src_str)
+    write_weights(out, groups, plan, total, progress=progress, max_shard_bytes=max_shard_bytes, source=src_str,
+                  rename=head_namer(config), head_apart=keeps_head_apart(config, model))
 
     if plan.quantization:
         defaults = trunk or _most_common(plan.quantization)

@@ -14,17 +14,23 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..models.heads import HeadLayout
+from ..models.registry import head_layout
 from .assistant import ASSISTANT_MODEL_TYPE
 from .safetensors import CheckpointError
 
-_MTP_KEY = re.compile(r"^(?:model\.|language_model\.|language_model\.model\.|model\.language_model\.)?mtp\.(.+)$")
 #: `loader` of a checkpoint our own model classes (models/registry.py) load.
 OUR_LOADER = "mlx-mtp"
+#: One tensor per expert, as raw HF MoE checkpoints store them (mlx-lm stacks them).
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "I64": 8, "I32": 4, "F64": 8, "F8_E4M3": 1}
 
 
-def _component(name: str) -> str:
-    if _MTP_KEY.match(name) or ".nextn." in name:
+def _component(name: str, layout: Optional[HeadLayout] = None) -> str:
+    """The part of the model a stored tensor belongs to. `layout` says which
+    names are the head's (`model.layers.46.*` is GLM's head, not a layer);
+    GGUF names its nextn tensors `.nextn.`."""
+    if (layout is not None and layout.is_head(name)) or name.startswith("mtp.") or ".nextn." in name:
         return "mtp head"
     if "embed_tokens" in name or name.startswith("token_embd"):
         return "embeddings"
@@ -39,11 +45,6 @@ def _component(name: str) -> str:
     if re.search(r"(mlp|ffn_)", name):
         return "mlp"
     return "other"
-
-
-def _head_layers(config: Dict[str, Any]) -> int:
-    text = config.get("text_config", config)
-    return int(text.get("mtp_num_hidden_layers", 0) or 0)
 
 
 def inspect_path(path: str, drafter: Optional[str] = None, verify: bool = False) -> Dict[str, Any]:
@@ -95,24 +96,26 @@ def _inspect_dir(path: Path) -> Dict[str, Any]:
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"no model*.safetensors files in {path}")
+    layout = head_layout(config)  # None: no built-in head (Gemma 4, mlx-lm's architectures)
     side = side_head_files(path, config)  # a head beside the trunk (mtp.safetensors): head tensors only
     for f in files + side:
         for k, info in safetensors_header(f).items():
-            if f not in side or _MTP_KEY.match(k):
+            if f not in side or layout.is_head(k):
                 tensors[k] = (info["dtype"], info["shape"], str(f.relative_to(path)))
     memory = sum(int(np.prod(s)) * _DTYPE_BYTES.get(d, 2) for d, s, _ in tensors.values())
     params = 0
     quant: Dict[str, set] = defaultdict(set)
     for k, (dt, shape, _) in tensors.items():
         base = k.rsplit(".", 1)[0]
-        comp = _component(k)
+        comp = _component(k, layout)
         if k.endswith((".scales", ".biases", "_scale_inv", "activation_scale")):
             continue
         if dt == "F8_E4M3" and fp8_label:
             params += int(np.prod(shape))
             quant[comp].add(fp8_label)
         elif f"{base}.scales" in tensors and k.endswith(".weight"):
-            p = q.get(base) if isinstance(q.get(base), dict) else q
+            module = _module_path(base, layout)
+            p = q.get(module) if isinstance(q.get(module), dict) else q
             bits, gs, mode = p.get("bits", 4), p.get("group_size", 64), p.get("mode", "affine")
             params += int(np.prod(shape[:-1])) * shape[-1] * 32 // bits
             quant[comp].add(f"{bits}-bit {mode} g{gs}")
@@ -120,20 +123,18 @@ def _inspect_dir(path: Path) -> Dict[str, Any]:
             params += int(np.prod(shape))
             if len(shape) >= 2:
                 quant[comp].add(dt.lower())
-    head_keys = [k for k in tensors if _MTP_KEY.match(k)]
-    declared = _head_layers(config)
+    head_keys = [k for k in tensors if layout is not None and layout.is_head(k)]
+    declared = layout.declared_layers if layout is not None else 0
+    # Qwen3.5's raw HF trunk stores conv1d as [C, 1, K] and its norms
+    # zero-centred; other families (GLM, DeepSeek) shift no norms, and show
+    # a raw HF checkpoint by its per-expert tensors (mlx-lm stacks them).
     raw = any("conv1d.weight" in k and s[-1] != 1 for k, (_, s, _) in tensors.items())
+    hf = raw or (not q and any(_PER_EXPERT.search(k) for k in tensors))
     warnings: List[str] = []
-    if declared and not head_keys:
-        warnings.append(
-            f"config declares mtp_num_hidden_layers={declared} but the weights have no mtp.* tensors "
-            f"(stripped by a conversion): run `mlx-mtp graft --from <original HF repo> --into {path}`"
-        )
-    if head_keys and not declared:
-        warnings.append("mtp.* weights are present but the config declares no head: set "
-                        "text_config.mtp_num_hidden_layers to the head's layer count")
+    if layout is not None:
+        warnings += _head_warnings(layout, config, head_keys, path)
     missing = _missing_tensors(config, tensors) if loader == OUR_LOADER else []
-    warnings += _missing_warnings(missing, head_keys, path)
+    warnings += _missing_warnings(missing, head_keys, path, layout)
     warnings += _norm_warnings(path, tensors, raw)
     warnings += _tokenizer_warnings(path, config)
     bundled = None if head_keys else _bundled_drafter(path, config)  # what --drafter auto picks then
@@ -141,21 +142,29 @@ def _inspect_dir(path: Path) -> Dict[str, Any]:
         warnings.append(f"the bundled assistant/ cannot draft for this model: {bundled['problem']}")
     return {
         "path": str(path),
-        "kind": "mlx" if q or not raw else "hf",
+        "kind": "mlx" if q or not hf else "hf",
         "architecture": config.get("model_type"),
         "context_length": _context_length(config),
         "loader": loader,
         "missing_tensors": missing,
-        "layout": "raw HF (norms zero-centred)" if raw else "mlx-lm (sanitized)",
+        "layout": "raw HF (norms zero-centred)" if raw else "raw HF" if hf else "mlx-lm (sanitized)",
         "parameters": params,
         "quantization": {k: sorted(v) for k, v in sorted(quant.items())},
         "drafter": bundled or {
-            "present": bool(head_keys) and bool(declared) and not any(_MTP_KEY.match(k) for k in missing),
+            "present": bool(head_keys) and bool(declared) and not any(k.startswith("mtp.") for k in missing),
             "kind": "mtp" if head_keys else None, "declared_layers": declared, "tensors": len(head_keys),
             "files": sorted({tensors[k][2] for k in head_keys})},
         "memory_bytes": memory,
         "warnings": warnings,
     }
+
+
+def _module_path(base: str, layout: Optional[HeadLayout]) -> str:
+    """A stored module's path in our model, which per-layer quantization
+    overrides are keyed by: a head stored under its family's names
+    (`model.layers.46.eh_proj`) is `mtp.layers.0.eh_proj` there."""
+    local = layout.local_key(f"{base}.weight") if layout is not None else None
+    return f"mtp.{local[: -len('.weight')]}" if local is not None else base
 
 
 def _loader(config: Dict[str, Any]) -> str:
@@ -208,16 +217,36 @@ def _missing_tensors(config: Dict[str, Any], tensors: Dict[str, Tuple[str, List[
     return sorted(name for name, _ in tree_flatten(model.parameters()) if name not in stored)
 
 
-def _missing_warnings(missing: List[str], head_keys: List[str], path: Path) -> List[str]:
+def _head_warnings(layout: HeadLayout, config: Dict[str, Any], head_keys: List[str], path: Path) -> List[str]:
+    """A declared head with no tensors (stripped), or tensors with none
+    declared: each named in the family's own field and tensor names."""
+    declared, field = layout.declared_layers, layout.config_field
+    if declared and not head_keys:
+        return [f"config declares {field}={declared} but the weights have no {layout.stored_name} tensors "
+                f"(stripped by a conversion): run `mlx-mtp graft --from <original HF repo> --into {path}`"]
+    if head_keys and not declared:
+        stored = "mtp.*" if all(k.startswith("mtp.") for k in head_keys) else layout.stored_name
+        return [f"{stored} weights are present but the config declares no head: set "
+                f"{layout.field_path(config)} to the head's layer count"]
+    return []
+
+
+def _missing_warnings(missing: List[str], head_keys: List[str], path: Path,
+                      layout: Optional[HeadLayout] = None) -> List[str]:
+    """`missing` are the model's parameter names: the head's are `mtp.*`
+    whatever the family stores; the warning also names them as stored."""
     from .tensors import name_list
 
-    head = [k for k in missing if _MTP_KEY.match(k)]
-    trunk = [k for k in missing if not _MTP_KEY.match(k)]
+    head = [k for k in missing if k.startswith("mtp.")]
+    trunk = [k for k in missing if not k.startswith("mtp.")]
     warnings = []
     if head:
+        stored = "mtp.*" if layout is None or all(k.startswith("mtp.") for k in head_keys) else layout.stored_name
+        as_stored = [layout.stored_key(k) for k in head] if stored != "mtp.*" else head
+        names = name_list(head) + (f"; stored as {name_list(as_stored)}" if as_stored != head else "")
         warnings.append(
-            f"the MTP head is incomplete: {len(head_keys)} mtp.* tensors are stored but {len(head)} are missing "
-            f"({name_list(head)}), so loading fails with every --drafter (the weights do not match the config). "
+            f"the MTP head is incomplete: {len(head_keys)} {stored} tensors are stored but {len(head)} are missing "
+            f"({names}), so loading fails with every --drafter (the weights do not match the config). "
             f"Fix: convert the original checkpoint again, or `mlx-mtp graft --from <original HF repo> --into {path} "
             "--force`"
         )
@@ -356,8 +385,7 @@ def _inspect_gguf(path: Path) -> Dict[str, Any]:
         "kind": "gguf",
         "architecture": arch,
         "context_length": int(meta.get(f"{arch}.context_length", 0) or 0) or None,
-        "layout": split or ("llama.cpp GGUF (norms stored unshifted, as in HF)" if str(arch).startswith("gemma4")
-                            else "llama.cpp GGUF (norms already offset)"),
+        "layout": split or _gguf_layout(str(arch)),
         "drafter_only": bool(split),
         "parameters": params,
         "quantization": {k: sorted(v) for k, v in sorted(quant.items())},
@@ -366,6 +394,17 @@ def _inspect_gguf(path: Path) -> Dict[str, Any]:
         "memory_bytes": memory,
         "warnings": warnings,
     }
+
+
+def _gguf_layout(arch: str) -> str:
+    """How a GGUF stores its norms, which is what differs between archs:
+    qwen35's converter adds the +1 of its zero-centred norms, gemma4's keeps
+    HF's values, and glm4moe / deepseek2 use plain RMSNorm (nothing to shift)."""
+    if arch.startswith("qwen35"):
+        return "llama.cpp GGUF (norms already offset)"
+    if arch.startswith("gemma4"):
+        return "llama.cpp GGUF (norms stored unshifted, as in HF)"
+    return "llama.cpp GGUF"
 
 
 def _compatibility(report: Dict[str, Any], drafter: Optional[str]) -> Optional[Dict[str, Any]]:

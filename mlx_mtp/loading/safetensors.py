@@ -15,8 +15,9 @@ import mlx.nn as nn
 from mlx_lm.utils import load_model
 
 from ..models.experts import fit_experts_to_device
-from ..models.qwen3_5 import _MTP_KEY, SideHead, split_head
-from ..models.registry import UnsupportedArchitectureError, model_classes
+from ..models.heads import HeadLayout
+from ..models.qwen3_5 import SideHead
+from ..models.registry import UnsupportedArchitectureError, head_layout, model_classes
 
 #: Shards mlx-lm's `load_model` reads; anything else in the directory it never sees.
 SHARD_GLOB = "model*.safetensors"
@@ -83,10 +84,15 @@ def materialize(model: nn.Module, label: str, batch_bytes: int = 256 << 20) -> N
 def side_head_files(path: Path, config: Dict[str, Any]) -> List[Path]:
     """Safetensors files beside the trunk that hold an MTP head but that
     mlx-lm's `model*.safetensors` glob misses: `mtp*.safetensors`, a file an
-    index maps `mtp.*` tensors to, and MTPLX's `mlx_lm_extra_tensors.mtp_file`."""
+    index maps head tensors to (the family's own names, `HeadLayout`), and
+    MTPLX's `mlx_lm_extra_tensors.mtp_file`. None for an architecture
+    without a built-in head."""
+    layout = head_layout(config)
+    if layout is None:
+        return []
     names = {p.name for p in path.glob(HEAD_GLOB)}
     for index in HEAD_INDEXES:
-        names |= {f for k, f in _weight_map(path / index).items() if _MTP_KEY.match(k)}
+        names |= {f for k, f in _weight_map(path / index).items() if layout.is_head(k)}
     extra = config.get("mlx_lm_extra_tensors")
     if isinstance(extra, dict) and extra.get("mtp_file"):
         names.add(str(extra["mtp_file"]))
@@ -105,26 +111,53 @@ def _weight_map(index: Path) -> Dict[str, str]:
 
 
 def read_side_head(path: Path, config: Dict[str, Any]) -> Optional[SideHead]:
-    """The `SideHead` in the files `side_head_files` names (None if none)."""
+    """The `SideHead` in the files `side_head_files` names (None if none),
+    keyed by the layout's `local_key` (`fc.weight`, `layers.0.enorm.weight`)."""
     files = side_head_files(path, config)
+    if not files:
+        return None
+    layout = head_layout(config)
     weights: Dict[str, mx.array] = {}
     for f in files:
-        head, _ = split_head(mx.load(str(f)))  # head tensors only: a side file adds nothing else
+        head, _ = layout.split(mx.load(str(f)))  # head tensors only: a side file adds nothing else
         weights.update(head)
     return SideHead(weights, tuple(str(f.relative_to(path)) for f in files)) if weights else None
 
 
+def offer_side_head(model: nn.Module, weights: Dict[str, mx.array], side: Optional[SideHead],
+                    layout: Optional[HeadLayout]) -> Dict[str, mx.array]:
+    """Hand a side-file head to `model` before its `sanitize` runs; returns
+    the weights to sanitize. Classes with a `side_head` slot (Qwen3.5, which
+    judge a side head's norms apart from the trunk's) take it there; any
+    other family gets it merged in as `mtp.*`, which its layout reads as
+    head keys, but only when the shards hold no head: one in the shards
+    (graft's model-mtp.safetensors) wins over a stale side file."""
+    if side is None or layout is None:
+        return weights
+    if hasattr(model, "side_head"):
+        model.side_head = side
+        return weights
+    if any(layout.is_head(k) for k in weights):
+        return weights
+    return {**weights, **{f"mtp.{k}": v for k, v in side.weights.items()}}
+
+
 def _classes_with_side_head(side: SideHead) -> Callable[[Dict[str, Any]], Tuple[Any, Any]]:
     """`get_model_classes` for mlx-lm's `load_model` that hands the model its
-    side-file head before `load_model` calls `sanitize` (the only hook it has)."""
+    side-file head before `load_model` calls `sanitize` (the only hook it has:
+    the class's `side_head` slot, else the instance's `sanitize` wrapped)."""
 
     def get_classes(config: Dict[str, Any]):
         model_class, args_class = checked_model_classes(config)
+        layout = head_layout(config)
 
         def build(args):
             model = model_class(args)
             if hasattr(model, "side_head"):
                 model.side_head = side
+            else:
+                sanitize = model.sanitize
+                model.sanitize = lambda weights: sanitize(offer_side_head(model, weights, side, layout))
             return model
 
         return build, args_class
@@ -159,7 +192,11 @@ def load_target(path: Path, lazy: bool = False) -> Tuple[nn.Module, Dict[str, An
         raise
     except ValueError as e:
         # strict loading: missing / unexpected / mis-shaped parameters
-        raise CheckpointError(f"{path}: weights do not match the config: {e}") from e
+        raise CheckpointError(f"{path}: weights do not match the config: {' '.join(str(e).split())}") from e
+    except KeyError as e:
+        # a sanitize that gathers tensors by name (mlx-lm stacking experts 0..E-1) found one missing
+        raise CheckpointError(f"{path}: weights do not match the config: tensor {e.args[0]!r} is missing "
+                              "(a sanitize step needs it)") from e
     except RuntimeError as e:
         # mx.load on a truncated or corrupt file
         raise CheckpointError(f"{path}: cannot read the safetensors files (corrupt or truncated?): {e}") from e

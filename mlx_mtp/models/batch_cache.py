@@ -371,6 +371,33 @@ def batch_problem(cache: List[Any]) -> Optional[str]:
     return None
 
 
+def mask_padding(cache: List[Any], lengths: Sequence[int]) -> None:
+    """The next pass gives row b real tokens only at its first lengths[b]
+    positions; the rest is padding at the end. Recurrent layers must not
+    step over it: mlx-lm's Gated-DeltaNet (mlx_lm/models/qwen3_5.py and
+    qwen3_next.py) reads `ArraysCache.lengths` (set by `prepare`, as
+    mlx-lm's own BatchGenerator pads prompts in mlx_lm/generate.py), masks
+    those positions out of the state update and takes each row's conv
+    window at its own end. Attention rows need nothing
+    before the pass: a real query never sees a later (padded) key."""
+    for c in cache:
+        if isinstance(c, RecurrentCache):
+            c.prepare(lengths=list(lengths))
+
+
+def unmask_padding(cache: List[Any], num_tokens: int, lengths: Sequence[int]) -> None:
+    """After a padded pass over `num_tokens` positions: recurrent layers
+    forget the lengths, and each attention row drops its padded keys (a
+    host-side trim, as after a rejected draft)."""
+    for c in cache:
+        if isinstance(c, RecurrentCache):
+            c.finalize()
+        elif isinstance(c, RaggedKVCache):
+            c.trim_rows([num_tokens - n for n in lengths])
+        else:
+            raise TypeError(f"cache {type(c).__name__} cannot drop padding per row")
+
+
 def rollback_rows(cache: List[Any], num_verified: int, keep: Sequence[int]) -> None:
     """After a recorded pass over `num_verified` positions, row b keeps only
     its first keep[b] of them, in every layer."""

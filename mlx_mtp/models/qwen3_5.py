@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,19 +19,22 @@ from mlx_lm.models import qwen3_5_moe as lm_qwen3_5_moe
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+from .heads import MTP_KEY as _MTP_KEY
+from .heads import HeadLayout, mtp_local_key, text_config
 from .rollback import enable_recurrent_rollback, make_target_cache
 
 ModelArgs = lm_qwen3_5.ModelArgs
 
-# `mtp.` head keys as found in raw HF checkpoints and in repacks.
-_MTP_KEY = re.compile(r"^(?:model\.|language_model\.|language_model\.model\.|model\.language_model\.)?mtp\.(.+)$")
-
 
 class MTPHead(nn.Module):
     """x = fc([norm_e(E[t+1]), norm_h(h_t)]); x = decoder layer(s) with an own
-    KV cache; g = norm(x). Logits come from the target's lm_head."""
+    KV cache; g = norm(x). Logits come from the target's lm_head.
 
-    def __init__(self, args: lm_qwen3_5.TextModelArgs, num_layers: int):
+    `make_layer(args)` builds one head decoder layer; by default Qwen3.5's
+    full-attention layer (Qwen3-Next passes its own, models/qwen3_next.py)."""
+
+    def __init__(self, args: lm_qwen3_5.TextModelArgs, num_layers: int,
+                 make_layer: Optional[Callable[[Any], nn.Module]] = None):
         super().__init__()
         H, eps = args.hidden_size, args.rms_norm_eps
         self.pre_fc_norm_embedding = nn.RMSNorm(H, eps=eps)
@@ -39,8 +42,10 @@ class MTPHead(nn.Module):
         self.fc = nn.Linear(2 * H, H, bias=False)
         # A layer index whose type is full attention gives the gated-attention
         # layer (dense MLP or MoE block as the trunk has).
-        full_idx = args.full_attention_interval - 1
-        self.layers = [lm_qwen3_5.DecoderLayer(args, full_idx) for _ in range(num_layers)]
+        if make_layer is None:
+            full_idx = args.full_attention_interval - 1
+            make_layer = lambda a: lm_qwen3_5.DecoderLayer(a, full_idx)  # noqa: E731
+        self.layers = [make_layer(args) for _ in range(num_layers)]
         self.norm = nn.RMSNorm(H, eps=eps)
 
     def __call__(self, embeddings: mx.array, hidden: mx.array, cache: List[Any]) -> mx.array:
@@ -131,23 +136,46 @@ class SideHead:
 
 
 class _MTPMixin:
-    """Keeps the MTP head through loading. Used with mlx-lm's Model classes."""
+    """Keeps the MTP head through loading. Used with mlx-lm's Model classes.
 
-    def _init_mtp(self, args: ModelArgs) -> None:
+    Families that store the head the same way (Qwen3-Next) pass their own
+    layer count and head layer to `_init_mtp`, set `mtp_config_field`, and
+    may override `_sanitize_trunk` / `_mtp_declaration`."""
+
+    #: The config field that counts head layers (named in messages).
+    mtp_config_field = "mtp_num_hidden_layers"
+
+    def _init_mtp(self, args: ModelArgs, declared_layers: Optional[int] = None,
+                  make_layer: Optional[Callable[[Any], nn.Module]] = None) -> None:
         text_args = self.language_model.args
-        self.declared_mtp_layers = int(args.text_config.get("mtp_num_hidden_layers", 0) or 0)
+        if declared_layers is None:
+            declared_layers = int(args.text_config.get("mtp_num_hidden_layers", 0) or 0)
+        self.declared_mtp_layers = declared_layers
         # Why the head is unusable, if it is (None when the head loaded).
         self.mtp_problem: Optional[str] = None
         # A head shipped in its own file beside the trunk; the loader sets it
         # before mlx-lm calls `sanitize` (loading/safetensors.py).
         self.side_head: Optional[SideHead] = None
         if self.declared_mtp_layers > 0:
-            self.mtp = MTPHead(text_args, self.declared_mtp_layers)
+            self.mtp = MTPHead(text_args, self.declared_mtp_layers, make_layer)
         enable_recurrent_rollback(self)
 
     @property
     def has_mtp(self) -> bool:
         return "mtp" in self
+
+    @classmethod
+    def head_layout(cls, config: Dict[str, Any]) -> HeadLayout:
+        return HeadLayout(
+            local_key=mtp_local_key,
+            declared_layers=int(text_config(config).get("mtp_num_hidden_layers", 0) or 0),
+            config_field="mtp_num_hidden_layers",
+            sanitize=_sanitize_mtp,
+        )
+
+    def mtp_logits(self, state: mx.array) -> mx.array:
+        """Logits of a head state: the trunk's LM head reads `mtp.norm`'s output."""
+        return self.logits(state)
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         head, trunk = split_head(weights)
@@ -159,19 +187,17 @@ class _MTPMixin:
             # (already shifted) trunk, so the trunk cannot vouch for them.
             head_raw = raw or zero_centred_norms(head)
         self.side_head = None  # consumed; kept, it would hold the unsanitized tensors in memory
-        # mlx-lm stacks only the fused Qwen3.5-MoE experts; per-expert exports
-        # are stacked here into the same layout.
-        trunk = super().sanitize(stack_experts(trunk))
+        trunk = self._sanitize_trunk(trunk)
         if self.declared_mtp_layers > 0 and not head:
             self.mtp_problem = (
-                f"config declares mtp_num_hidden_layers={self.declared_mtp_layers} but the "
+                f"{self._mtp_declaration()} but the "
                 "checkpoint has no mtp.* weights (they were stripped by a conversion)"
             )
             self.pop("mtp", None)
         elif head and self.declared_mtp_layers == 0:
             self.mtp_problem = (
                 f"checkpoint has {len(head)} mtp.* tensors but its config declares no MTP "
-                "head (mtp_num_hidden_layers is missing or 0)"
+                f"head ({self.mtp_config_field} is missing or 0)"
             )
         elif head:
             for key, value in _sanitize_mtp(head, head_raw).items():
@@ -179,6 +205,15 @@ class _MTPMixin:
         elif self.declared_mtp_layers == 0:
             self.mtp_problem = "this checkpoint has no MTP head (no mtp.* weights, none declared)"
         return trunk
+
+    def _sanitize_trunk(self, trunk: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        # mlx-lm stacks only the fused Qwen3.5-MoE experts; per-expert exports
+        # are stacked here into the same layout.
+        return super().sanitize(stack_experts(trunk))
+
+    def _mtp_declaration(self) -> str:
+        """How the config declares the head, for messages."""
+        return f"config declares {self.mtp_config_field}={self.declared_mtp_layers}"
 
     def make_cache(self) -> List[Any]:
         return make_target_cache(self)

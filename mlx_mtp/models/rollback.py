@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache, CacheList, ChunkedKVCache, KVCache, RotatingKVCache
 from mlx_lm.models.gated_delta import gated_delta_update, normalize_qk
 from mlx_lm.models.qwen3_5 import GatedDeltaNet
+from mlx_lm.models.qwen3_next import Qwen3NextGatedDeltaNet
 
 
 class RecurrentCache(ArraysCache):
@@ -52,6 +53,45 @@ class RecurrentCache(ArraysCache):
         self.states = []
 
 
+def _recorded_forward(gdn: nn.Module, inputs: mx.array, qkv: mx.array, z: mx.array, b: mx.array,
+                      a: mx.array, cache: "RecurrentCache") -> mx.array:
+    """A Gated-DeltaNet forward after its input projections (`qkv` [B, S,
+    2*key_dim + value_dim], `z` [B, S, Hv, Dv], `b` / `a` [B, S, Hv]) that
+    records the state after every position in `cache`. Qwen3.5's and
+    Qwen3-Next's layers differ only in how they project; from here on they
+    are the same module (mlx-lm's two `__call__`s), so both share this."""
+    B, S, _ = inputs.shape
+    conv_state = cache[0]
+    if conv_state is None:
+        conv_state = mx.zeros((B, gdn.conv_kernel_size - 1, gdn.conv_dim), inputs.dtype)
+    conv_input = mx.concatenate([conv_state, qkv], axis=1)
+    conv_out = nn.silu(gdn.conv1d(conv_input))
+    q, k, v = [
+        t.reshape(B, S, h, d)
+        for t, h, d in zip(
+            mx.split(conv_out, [gdn.key_dim, 2 * gdn.key_dim], -1),
+            [gdn.num_k_heads, gdn.num_k_heads, gdn.num_v_heads],
+            [gdn.head_k_dim, gdn.head_k_dim, gdn.head_v_dim],
+        )
+    ]
+    q, k = normalize_qk(q, k, inv_scale=gdn.head_k_dim**-0.5, eps=1e-6)
+    # One recurrence step per position, exactly as plain decoding runs it,
+    # so every intermediate state exists and matches step-by-step decoding.
+    initial = state = cache[1]
+    outs, states = [], []
+    for t in range(S):
+        sl = slice(t, t + 1)
+        y, state = gated_delta_update(
+            q[:, sl], k[:, sl], v[:, sl], a[:, sl], b[:, sl],
+            gdn.A_log, gdn.dt_bias, state, None, use_kernel=not gdn.training,
+        )
+        outs.append(y)
+        states.append(state)
+    cache.record(conv_input, initial, states, gdn.conv_kernel_size)
+    out = gdn.norm(mx.concatenate(outs, axis=1), z)
+    return gdn.out_proj(out.reshape(B, S, -1))
+
+
 class RollbackGatedDeltaNet(GatedDeltaNet):
     """mlx-lm's Qwen3.5 Gated-DeltaNet; when its cache is recording it keeps
     the state after every position of the input (the verify pass)."""
@@ -60,47 +100,37 @@ class RollbackGatedDeltaNet(GatedDeltaNet):
         if not (isinstance(cache, RecurrentCache) and cache.recording):
             return super().__call__(inputs, mask, cache)
         B, S, _ = inputs.shape
-        qkv = self.in_proj_qkv(inputs)
         z = self.in_proj_z(inputs).reshape(B, S, self.num_v_heads, self.head_v_dim)
-        b = self.in_proj_b(inputs)
-        a = self.in_proj_a(inputs)
-        conv_state = cache[0]
-        if conv_state is None:
-            conv_state = mx.zeros((B, self.conv_kernel_size - 1, self.conv_dim), inputs.dtype)
-        conv_input = mx.concatenate([conv_state, qkv], axis=1)
-        conv_out = nn.silu(self.conv1d(conv_input))
-        q, k, v = [
-            t.reshape(B, S, h, d)
-            for t, h, d in zip(
-                mx.split(conv_out, [self.key_dim, 2 * self.key_dim], -1),
-                [self.num_k_heads, self.num_k_heads, self.num_v_heads],
-                [self.head_k_dim, self.head_k_dim, self.head_v_dim],
-            )
-        ]
-        q, k = normalize_qk(q, k, inv_scale=self.head_k_dim**-0.5, eps=1e-6)
-        # One recurrence step per position, exactly as plain decoding runs it,
-        # so every intermediate state exists and matches step-by-step decoding.
-        initial = state = cache[1]
-        outs, states = [], []
-        for t in range(S):
-            sl = slice(t, t + 1)
-            y, state = gated_delta_update(
-                q[:, sl], k[:, sl], v[:, sl], a[:, sl], b[:, sl],
-                self.A_log, self.dt_bias, state, None, use_kernel=not self.training,
-            )
-            outs.append(y)
-            states.append(state)
-        cache.record(conv_input, initial, states, self.conv_kernel_size)
-        out = self.norm(mx.concatenate(outs, axis=1), z)
-        return self.out_proj(out.reshape(B, S, -1))
+        return _recorded_forward(self, inputs, self.in_proj_qkv(inputs), z, self.in_proj_b(inputs),
+                                 self.in_proj_a(inputs), cache)
+
+
+class RollbackQwen3NextGatedDeltaNet(Qwen3NextGatedDeltaNet):
+    """mlx-lm's Qwen3-Next Gated-DeltaNet (fused `in_proj_qkvz` / `in_proj_ba`,
+    head-grouped), recording like `RollbackGatedDeltaNet`."""
+
+    def __call__(self, inputs: mx.array, mask=None, cache: Any = None) -> mx.array:
+        if not (isinstance(cache, RecurrentCache) and cache.recording):
+            return super().__call__(inputs, mask, cache)
+        B, S, _ = inputs.shape
+        q, k, v, z, b, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(inputs), self.in_proj_ba(inputs))
+        qkv = mx.concatenate([q.reshape(B, S, -1), k.reshape(B, S, -1), v.reshape(B, S, -1)], axis=-1)
+        return _recorded_forward(self, inputs, qkv, z, b, a, cache)
+
+
+#: mlx-lm Gated-DeltaNet class -> its recording subclass.
+_RECORDING_CLASSES = ((GatedDeltaNet, RollbackGatedDeltaNet), (Qwen3NextGatedDeltaNet, RollbackQwen3NextGatedDeltaNet))
 
 
 def enable_recurrent_rollback(model: nn.Module) -> None:
-    """Swap the Gated-DeltaNet modules of an mlx-lm Qwen3.5 model for the
-    recording subclass. Same parameters, same plain forward."""
+    """Swap the Gated-DeltaNet modules of an mlx-lm Qwen3.5 or Qwen3-Next
+    model for their recording subclass. Same parameters, same plain forward."""
     for layer in model.layers:
-        if getattr(layer, "is_linear", False) and isinstance(layer.linear_attn, GatedDeltaNet):
-            layer.linear_attn.__class__ = RollbackGatedDeltaNet
+        if not getattr(layer, "is_linear", False):
+            continue
+        for base, recording in _RECORDING_CLASSES:
+            if isinstance(layer.linear_attn, base):
+                layer.linear_attn.__class__ = recording
 
 
 def set_recording(cache: List[Any], on: bool) -> None:

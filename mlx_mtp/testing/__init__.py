@@ -20,7 +20,6 @@ from typing import Dict, Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from ..loading.tokenizer_formats import (
     CHATML_THINKING_TEMPLATE,
@@ -33,6 +32,7 @@ from ..loading.tokenizer_formats import (
 )
 from ..loading.writers import is_norm, save_hf_checkpoint
 from ..models import qwen3_5
+from .fixtures import BRANCHES, SSM_DRAWS, fan_in_draw, load_params, pass_through, predictable_trunk, random_params
 
 VOCAB = 96
 
@@ -163,58 +163,24 @@ def build(config: dict, seed: int = 0, predictable: bool = False, noise: float =
     # mlx-lm's args rewrite rope_parameters in place: keep the caller's dict intact.
     model = cls(qwen3_5.ModelArgs.from_dict(copy.deepcopy(config)))
     rng = np.random.default_rng(seed)
-    params = {}
-    for name, value in tree_flatten(model.parameters()):
-        shape = value.shape
-        if is_norm(name):
-            params[name] = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif name.endswith("A_log"):
-            params[name] = np.log(rng.uniform(1, 8, shape))
-        elif name.endswith("dt_bias"):
-            params[name] = rng.uniform(0.5, 1.5, shape)
-        else:
-            fan_in = shape[-1] if len(shape) > 1 else 1
-            params[name] = rng.standard_normal(shape) / np.sqrt(fan_in)
+    params = random_params(model, rng, SSM_DRAWS)
     if predictable:
         _make_predictable(model, params, rng, noise)
     if random_head:
         head_rng = np.random.default_rng(seed + 10_000)
         for name in params:
             if name.startswith("mtp.") and not is_norm(name):
-                shape = params[name].shape
-                params[name] = head_rng.standard_normal(shape) / np.sqrt(shape[-1] if len(shape) > 1 else 1)
-    model.update(_unflatten({k: mx.array(v, dtype=mx.float32) for k, v in params.items()}))
-    mx.eval(model.parameters())
-    model.eval()
-    return model
+                params[name] = fan_in_draw(head_rng, params[name].shape)
+    return load_params(model, params)
 
 
 def _make_predictable(model, params: Dict[str, np.ndarray], rng, noise: float) -> None:
-    V = model.vocab_size
     H = model.hidden_size
-    perm = rng.permutation(V)  # greedy next token ~ perm[current]
-    E = rng.standard_normal((V, H))
-    E /= np.linalg.norm(E, axis=1, keepdims=True) / np.sqrt(H)
-    params["language_model.model.embed_tokens.weight"] = E
-    inverse = np.argsort(perm)
-    params["language_model.lm_head.weight"] = 4.0 * E[inverse] / np.sqrt(H)
-    for name in list(params):
-        # Shrink every residual-branch output so the stream stays near E[t].
-        if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
-            params[name] = params[name] * noise
-        if name.startswith("mtp.") and is_norm(name):
-            params[name] = np.ones_like(params[name])
-    fc = np.zeros((H, 2 * H))
-    fc[:, :H] = np.eye(H)
-    fc[:, H:] = 0.05 * rng.standard_normal((H, H))
+    predictable_trunk(params, rng, model.vocab_size, H, noise, embed="language_model.model.embed_tokens.weight",
+                      head="language_model.lm_head.weight", branches=BRANCHES + ("out_proj.weight",))
+    fc = pass_through(rng, H)
     if "mtp.fc.weight" in params:
         params["mtp.fc.weight"] = fc
-
-
-def _unflatten(flat: Dict[str, mx.array]):
-    from mlx.utils import tree_unflatten
-
-    return tree_unflatten(list(flat.items()))
 
 
 # --- a tokenizer for the tiny models, built offline -----------------------
@@ -343,6 +309,21 @@ def write_shards(path: Path, weights: Dict[str, mx.array], shards: int, name: st
     total = sum(v.nbytes for v in weights.values())
     (Path(path) / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return weight_map
+
+
+def write_hf_dir(path: Path, weights: Dict[str, mx.array], config: dict, shards: int, shard_name: str,
+                 generation: Optional[dict] = None) -> Path:
+    """A complete raw-HF model directory: `weights` in `shards` files named
+    `shard_name` plus the index, config.json, generation_config.json
+    (`generation`, by default GENERATION_CONFIG) and the tokenizer."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_shards(path, weights, shards, name=shard_name)
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    generation = GENERATION_CONFIG if generation is None else generation
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=1))
+    write_tokenizer(path)
+    return path
 
 
 def vision_weights(vision: dict, seed: int = 0) -> Dict[str, mx.array]:

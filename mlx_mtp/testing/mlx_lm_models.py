@@ -14,18 +14,16 @@ prompt lookup then drafts right much of the time.
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 from typing import Any, Dict
 
-import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama, qwen3
 from mlx_lm.utils import save_config, save_model
 
 from . import VOCAB, write_tokenizer
+from .fixtures import load_params, parse_args, predictable_trunk, random_params
 
 ARCHITECTURES = {"llama": (llama.Model, llama.ModelArgs), "qwen3": (qwen3.Model, qwen3.ModelArgs)}
 
@@ -56,30 +54,12 @@ def build(cfg: Dict[str, Any], seed: int = 0, predictable: bool = False, noise: 
     cls, args_cls = ARCHITECTURES[cfg["model_type"]]
     model = cls(args_cls.from_dict(copy.deepcopy(cfg)))
     rng = np.random.default_rng(seed)
-    params: Dict[str, np.ndarray] = {}
-    for name, value in tree_flatten(model.parameters()):
-        shape = value.shape
-        if "norm" in name:
-            params[name] = 1.0 + 0.1 * rng.standard_normal(shape)
-        else:
-            params[name] = rng.standard_normal(shape) / np.sqrt(shape[-1] if len(shape) > 1 else 1)
+    params = random_params(model, rng, norm_test=lambda name: "norm" in name)
     if predictable:
         if cfg["tie_word_embeddings"]:
             raise ValueError("predictable models need an untied lm_head (it encodes the permutation)")
-        V, H = cfg["vocab_size"], cfg["hidden_size"]
-        perm = rng.permutation(V)
-        E = rng.standard_normal((V, H))
-        E /= np.linalg.norm(E, axis=1, keepdims=True) / np.sqrt(H)
-        params["model.embed_tokens.weight"] = E
-        params["lm_head.weight"] = 4.0 * E[np.argsort(perm)] / np.sqrt(H)
-        for name in params:
-            # Small residual branches keep the stream near E[current token].
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                params[name] = params[name] * noise
-    model.update(tree_unflatten([(k, mx.array(v, dtype=mx.float32)) for k, v in params.items()]))
-    mx.eval(model.parameters())
-    model.eval()
-    return model
+        predictable_trunk(params, rng, cfg["vocab_size"], cfg["hidden_size"], noise)
+    return load_params(model, params)
 
 
 def write_model_dir(path: Path, arch: str = "llama", seed: int = 0, predictable: bool = None,
@@ -99,14 +79,8 @@ def write_model_dir(path: Path, arch: str = "llama", seed: int = 0, predictable:
 
 
 def main(argv=None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m mlx_mtp.testing.mlx_lm_models",
-                                 description="Write a tiny mlx-lm checkpoint (random weights).")
-    ap.add_argument("output_dir")
-    ap.add_argument("--arch", choices=sorted(ARCHITECTURES), default="llama")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv, "python -m mlx_mtp.testing.mlx_lm_models", "Write a tiny mlx-lm checkpoint (random weights).",
+                      extra=lambda ap: ap.add_argument("--arch", choices=sorted(ARCHITECTURES), default="llama"))
     path = write_model_dir(Path(args.output_dir), args.arch, seed=args.seed)
     print(f"wrote a tiny {args.arch} checkpoint in mlx-lm's layout (random weights) to {path}")
 

@@ -15,6 +15,11 @@ from . import gemma4, qwen
 #: (function name, arguments object) of one tool call's body; ValueError
 #: when the body is not a call.
 CallParser = Callable[[str, Optional[List[Dict[str, Any]]]], Tuple[str, Dict[str, Any]]]
+#: (body so far, tools, final) -> (function name or None while unknown,
+#: arguments JSON text so far). While the call is open the text is a prefix
+#: of the whole call's; final=True reads the whole body (ValueError when it
+#: is not a call), and its text parses to what CallParser gives.
+CallStreamer = Callable[[str, Optional[List[Dict[str, Any]]], bool], Tuple[Optional[str], str]]
 
 
 @dataclass(frozen=True)
@@ -25,14 +30,16 @@ class Markup:
     call_open: str
     call_close: str
     parse_call: CallParser
+    #: the same call read as it streams (function.arguments deltas)
+    stream_call: CallStreamer
     #: text the model writes to hand the turn back while it waits for a tool
     #: result (Gemma 4's `<|tool_response>`): generation ends there
     turn_end: Tuple[str, ...] = ()
 
 
-QWEN = Markup("qwen", "<think>", "</think>", qwen.CALL_OPEN, qwen.CALL_CLOSE, qwen.parse_call)
+QWEN = Markup("qwen", "<think>", "</think>", qwen.CALL_OPEN, qwen.CALL_CLOSE, qwen.parse_call, qwen.stream_call)
 GEMMA4 = Markup("gemma4", gemma4.THINK_OPEN, gemma4.THINK_CLOSE, gemma4.CALL_OPEN, gemma4.CALL_CLOSE,
-                gemma4.parse_call, turn_end=(gemma4.RESPONSE_OPEN,))
+                gemma4.parse_call, gemma4.stream_call, turn_end=(gemma4.RESPONSE_OPEN,))
 
 
 def detect(chat_template: Optional[str], vocabulary: Dict[str, int]) -> Markup:

@@ -26,6 +26,12 @@ CALL_CLOSE = "</tool_call>"
 
 _FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
 _PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
+_FUNCTION_HEAD = re.compile(r"<function=([^>\n]+)>")
+_FUNCTION_END = "</function>"
+_PARAMETER_OPEN = "<parameter="
+_PARAMETER_END = "</parameter>"
+_JSON_NAME = re.compile(r'\{\s*"name"\s*:\s*')
+_JSON_ARGUMENTS = re.compile(r'\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
 
 def parse_call(body: str, tools: Optional[List[Dict[str, Any]]] = None) -> Tuple[str, Dict[str, Any]]:
@@ -91,3 +97,106 @@ def _value(raw: str, schema_type: Any) -> Any:
         return json.loads(raw)
     except ValueError:
         return raw
+
+
+# -- streaming ------------------------------------------------------------------
+#
+# `stream_call(body, tools, final)` -> (name, arguments text so far). While
+# the call is open (final=False) the text is the part of the arguments JSON
+# that no later text can change: a prefix of what the whole body gives
+# (final=True). The server sends the name once it is known and then each
+# new piece of the text as a `function.arguments` delta, as vLLM's
+# qwen3_coder and hermes parsers do (vllm/tool_parsers/qwen3coder_tool_parser.py:
+# header with id and name and "" arguments first, then "{" and the
+# parameters); here a string parameter's value also streams as it is written.
+
+
+def stream_call(body: str, tools: Optional[List[Dict[str, Any]]] = None,
+                final: bool = False) -> Tuple[Optional[str], str]:
+    """(function name or None while unknown, arguments JSON text). With
+    final=True `body` is the whole call: ValueError when it is not one."""
+    text = body.lstrip()
+    if text.startswith("{"):
+        return _stream_json(text, final)
+    return _stream_xml(text, tools, final)
+
+
+def _held(text: str, markers: List[str]) -> int:
+    """How many characters at the end of `text` could begin one of `markers`."""
+    hold = 0
+    for marker in markers:
+        for n in range(min(len(marker) - 1, len(text)), 0, -1):
+            if text.endswith(marker[:n]):
+                hold = max(hold, n)
+                break
+    return hold
+
+
+def _stream_xml(text: str, tools: Optional[List[Dict[str, Any]]], final: bool) -> Tuple[Optional[str], str]:
+    head = _FUNCTION_HEAD.match(text)
+    if head is None:
+        if final:
+            raise ValueError("no <function=NAME> in the tool call")
+        return None, ""
+    name = head.group(1).strip()
+    types = _parameter_types(name, tools)
+    rest = text[head.end():]
+    end = rest.find(_FUNCTION_END)
+    closed = final or end >= 0
+    if end >= 0:
+        rest = rest[:end]
+    elif final:
+        rest = rest.rstrip()  # parse_call strips the body
+    else:  # the end may be the start of a marker: wait for the next text
+        rest = rest[: len(rest) - _held(rest, [_FUNCTION_END, _PARAMETER_END, _PARAMETER_OPEN])]
+    items, partial = [], None
+    for match in _PARAMETER.finditer(rest):
+        key, raw = match.group(1).strip(), match.group(2)
+        ended = closed or match.group(0).endswith(_PARAMETER_END) or rest.startswith(_PARAMETER_OPEN, match.end())
+        prefix = json.dumps(key, ensure_ascii=False) + ": "
+        if ended:
+            items.append(prefix + json.dumps(_value(_trim_newline(raw), types.get(key)), ensure_ascii=False))
+        elif types.get(key) == "string":
+            # Its text streams; trailing whitespace waits (one newline is
+            # the template's, and the end of the body is stripped).
+            value = (raw[1:] if raw.startswith("\n") else raw).rstrip()
+            partial = prefix + '"' + json.dumps(value, ensure_ascii=False)[1:-1]
+        else:  # a number, object, ...: read as JSON once it is whole
+            partial = prefix
+    # json.dumps(dict) form: {"k": v, "k2": v2}
+    arguments = "{" + ", ".join(items)
+    if partial is not None:
+        arguments += (", " if items else "") + partial
+    elif closed:
+        arguments += "}"
+    return name, arguments
+
+
+def _stream_json(text: str, final: bool) -> Tuple[Optional[str], str]:
+    """Hermes JSON: the name is known once its string closes; the arguments
+    object streams as the model writes it (when "arguments" follows the
+    name, as Hermes templates put it); any other layout comes whole."""
+    decoder = json.JSONDecoder()
+    name, arguments = None, ""
+    head = _JSON_NAME.match(text)
+    if head is not None:
+        try:
+            name, at = decoder.raw_decode(text, head.end())
+        except ValueError:
+            name = None
+        if not isinstance(name, str):
+            name = None
+        else:
+            args = _JSON_ARGUMENTS.match(text, at)
+            if args is not None and text.startswith("{", args.end()):
+                try:
+                    _, stop = decoder.raw_decode(text, args.end())
+                    arguments = text[args.end():stop]
+                except ValueError:  # still open: all of the rest is inside it
+                    arguments = text[args.end():] if not final else ""
+    if not final:
+        return name, arguments
+    whole_name, whole = _parse_json(text.strip())
+    if name == whole_name and arguments and json.loads(arguments) == whole:
+        return name, arguments
+    return whole_name, json.dumps(whole, ensure_ascii=False)

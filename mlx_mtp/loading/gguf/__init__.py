@@ -6,6 +6,8 @@
   type table is there), requantization of the rest, strict loading;
 - `qwen35.py`: qwen35 / qwen35moe (MTP head included);
 - `gemma4.py`: gemma4 targets and gemma4-assistant drafters;
+- `glm4moe.py`, `deepseek2.py` (shared parts in `nextn.py`): GLM-4.5/4.7,
+  DeepSeek-V3 and GLM-4.7-Flash with their nextn MTP head;
 - `mtp_split.py`: llama.cpp's split MTP-only files (`--mtp`) as drafters;
 - `tokenizer.py`: tokenizers from `tokenizer.ggml.*` metadata.
 
@@ -20,7 +22,7 @@ from typing import Union
 
 from ...models.experts import fit_experts_to_device
 from ..safetensors import CheckpointError
-from . import gemma4, mtp_split, qwen35
+from . import deepseek2, gemma4, glm4moe, mtp_split, nextn, qwen35
 from .gemma4 import Gemma4Checkpoint, load_gguf_assistant
 from .mtp_split import is_mtp_only, load_mtp_drafter, mtp_only_layout
 from .quants import (
@@ -53,7 +55,10 @@ from .qwen35 import (
 from .reader import GGUF_MAGIC, GGUFFile, metadata, open_gguf
 from .tokenizer import PRE_TOKENIZER_REGEX, build_spm_tokenizer, build_tokenizer, load_gguf_tokenizer
 
-SUPPORTED_ARCHS = qwen35.ARCHS + gemma4.ARCHS
+SUPPORTED_ARCHS = qwen35.ARCHS + gemma4.ARCHS + glm4moe.ARCHS + deepseek2.ARCHS
+# Architectures whose head is a nextn block (loading/gguf/nextn.py), by reader.
+NEXTN_READERS = {**{a: glm4moe.read_glm4moe for a in glm4moe.ARCHS},
+                 **{a: deepseek2.read_deepseek2 for a in deepseek2.ARCHS}}
 
 __all__ = [
     "BF16", "FLOAT_TYPES", "GGUF_MAGIC", "GROUP", "LAYER_NAMES", "NEXTN_NAMES", "PRE_TOKENIZER_REGEX", "REPACKED",
@@ -93,19 +98,22 @@ def read_gguf(path: Union[str, Path], requant_bits: int = 8) -> GGUFFile:
     if mtp_split.is_mtp_only(meta, (t.name for t in reader.tensors)):  # nothing to load or convert but a head
         raise CheckpointError(f"{path} is an MTP-only drafter file (llama.cpp --mtp), not a model: "
                               f"{mtp_split.USE_AS_DRAFTER}")
+    if arch in NEXTN_READERS:
+        return NEXTN_READERS[arch](path, reader, meta, requant_bits)
     read = gemma4.read_gemma4 if arch in gemma4.ARCHS else qwen35.read_qwen35
     return read(path, reader, meta, requant_bits)
 
 
 def load_gguf_target(path: Union[str, Path], lazy: bool = False, requant_bits: int = 8):
-    """(model, config, checkpoint) for a qwen35 / qwen35moe / gemma4 GGUF file."""
+    """(model, config, checkpoint) for a qwen35 / qwen35moe / gemma4 /
+    glm4moe / deepseek2 GGUF file."""
     ckpt = read_gguf(path, requant_bits)
     if ckpt.arch == gemma4.ASSISTANT_ARCH:
         raise CheckpointError(
             f"{path} is a Gemma 4 assistant (a drafter), not a target: pass it with --drafter "
             "(drafter=...) next to its Gemma 4 target"
         )
-    arch_module = gemma4 if ckpt.arch == gemma4.TARGET_ARCH else qwen35
+    arch_module = gemma4 if ckpt.arch == gemma4.TARGET_ARCH else nextn if ckpt.arch in NEXTN_READERS else qwen35
     model, config = arch_module.load_target(ckpt, lazy=lazy)
     fit_experts_to_device(model)  # float (F16/BF16) experts: float32 on the CPU backend
     return model, config, ckpt

@@ -90,6 +90,10 @@ class SplitHead:
     def logits(self, hidden: mx.array) -> mx.array:
         return self.target.logits(hidden)
 
+    def mtp_logits(self, state: mx.array) -> mx.array:
+        # A Qwen3.5 head's post-norm state goes through the trunk's LM head.
+        return self.target.logits(state)
+
     def make_mtp_cache(self) -> List[Any]:
         return self.mtp.make_cache()
 
