@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from .formats import Markup
+from .formats.markers import partial_marker_length
 
 REASONING = "reasoning"
 CONTENT = "content"
@@ -124,17 +125,6 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def _partial_marker(text: str, markers: List[str]) -> int:
-    """How many characters at the end of `text` could begin one of `markers`."""
-    hold = 0
-    for marker in markers:
-        for n in range(min(len(marker) - 1, len(text)), 0, -1):
-            if text.endswith(marker[:n]):
-                hold = max(hold, n)
-                break
-    return hold
-
-
 class OutputParser:
     """Feed it text as it is generated; it returns `Delta`s.
 
@@ -181,12 +171,12 @@ class OutputParser:
         if self.mode == CALL:
             # The call so far, less what may be the start of its closing
             # marker; read whole each time (a call is short next to a step).
-            body = self.pending[: len(self.pending) - _partial_marker(self.pending, self._markers())]
+            body = self.pending[: len(self.pending) - partial_marker_length(self.pending, self._markers())]
             name, arguments = self.markup.stream_call(body, self.tools, False)
             if name is not None:
                 self._send(out, name, arguments)
         else:
-            hold = _partial_marker(self.pending, self._markers())
+            hold = partial_marker_length(self.pending, self._markers())
             text = self.pending[: len(self.pending) - hold]
             # Trailing whitespace waits too: if a marker follows, it is dropped.
             kept = len(text.rstrip())

@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten
 
 from ..models import deepseek_v3, glm4_moe_lite
 from . import EOS_TOKEN_ID, VOCAB, write_hf_dir
-from .fixtures import init_model, parse_args, pass_through, predictable_trunk
+from .fixtures import init_model, parse_args, pass_through, per_expert, predictable_trunk
 
 FAMILIES = ("deepseek_v3", "glm4_moe_lite")
 #: Shard names of the released repos: DeepSeek-V3 has model-00001-of-000163
@@ -193,7 +193,6 @@ def _make_predictable(model: nn.Module, params: Dict[str, np.ndarray], rng, nois
         params[f"mtp.layers.{i}.shared_head.head.weight"] = params["lm_head.weight"].copy()
 
 
-_SWITCH = re.compile(r"^(.*\.mlp)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def hf_weights(model: nn.Module, drop_mtp: bool = False) -> Dict[str, mx.array]:
@@ -220,10 +219,9 @@ def hf_weights(model: nn.Module, drop_mtp: bool = False) -> Dict[str, mx.array]:
             kv_b = mx.concatenate([wk.swapaxes(-1, -2), wv], axis=1)  # [heads, nope + v, kv_lora_rank]
             out[name.replace("embed_q.weight", "kv_b_proj.weight")] = kv_b.reshape(-1, kv_b.shape[-1])
             continue
-        m = _SWITCH.match(name)
-        if m:
-            for e in range(value.shape[0]):
-                out[f"{m.group(1)}.experts.{e}.{m.group(2)}.weight"] = value[e]
+        experts = per_expert(name, value)
+        if experts is not None:
+            out.update(experts)
             continue
         out[name] = value
     if not drop_mtp and model.has_mtp:

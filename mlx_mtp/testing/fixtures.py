@@ -142,3 +142,13 @@ def init_model(model, seed: int, predictable: bool, noise: float, make_predictab
     if predictable:
         make_predictable(model, params, rng, noise)
     return load_params(model, params)
+
+
+def per_expert(name: str, value: mx.array) -> Optional[Dict[str, mx.array]]:
+    """A stacked `<prefix>.mlp.switch_mlp.<proj>.<leaf>` [E, ...] as the one
+    tensor per expert raw HF checkpoints store (`<prefix>.mlp.experts.<e>.<proj>.<leaf>`);
+    None for any other name. The inverse of models/qwen3_5.stack_experts."""
+    if ".mlp.switch_mlp." not in name:
+        return None
+    prefix, rest = name.split(".mlp.switch_mlp.", 1)
+    return {f"{prefix}.mlp.experts.{e}.{rest}": value[e] for e in range(value.shape[0])}

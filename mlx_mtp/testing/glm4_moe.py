@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 
 from ..models import glm4_moe
 from . import EOS_TOKEN_ID, VOCAB, write_hf_dir
-from .fixtures import init_model, parse_args, pass_through, predictable_trunk, small_normal_draw
+from .fixtures import init_model, parse_args, pass_through, per_expert, predictable_trunk, small_normal_draw
 
 #: What GLM's bf16 checkpoints keep in float32 (the router's bias, as in DeepSeek-V3's).
 FLOAT32_TENSORS = ("mlp.gate.e_score_correction_bias",)
@@ -115,10 +115,9 @@ def hf_weights(model: glm4_moe.Model, drop_mtp: bool = False, shared_head_head: 
             if rest.startswith("shared_head.head.") and not shared_head_head:
                 continue
             name = f"model.layers.{first + int(i)}.{rest}"
-        if ".mlp.switch_mlp." in name:
-            prefix, proj = name.split(".mlp.switch_mlp.")
-            for e in range(value.shape[0]):
-                out[f"{prefix}.mlp.experts.{e}.{proj}"] = value[e]
+        experts = per_expert(name, value)
+        if experts is not None:
+            out.update(experts)
             continue
         out[name] = value
     if not drop_mtp and shared_head_head and "mtp" in model:

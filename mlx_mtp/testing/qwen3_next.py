@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 from ..loading.writers import is_norm
 from ..models import qwen3_next
 from . import EOS_TOKEN_ID, VOCAB, write_hf_dir
-from .fixtures import BRANCHES, SSM_DRAWS, init_model, parse_args, pass_through, predictable_trunk
+from .fixtures import BRANCHES, SSM_DRAWS, init_model, parse_args, pass_through, per_expert, predictable_trunk
 
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
 #: Norms stored zero-centred in raw HF (transformers' `Qwen3NextRMSNorm`:
@@ -126,10 +126,9 @@ def hf_weights(model: qwen3_next.Model, drop_mtp: bool = False) -> Dict[str, mx.
             value = value - 1.0
         if name.endswith("conv1d.weight"):
             value = value.moveaxis(2, 1)
-        if ".mlp.switch_mlp." in name:
-            prefix, proj = name.split(".mlp.switch_mlp.")
-            for e in range(value.shape[0]):
-                out[f"{prefix}.mlp.experts.{e}.{proj}"] = value[e]
+        experts = per_expert(name, value)
+        if experts is not None:
+            out.update(experts)
             continue
         out[name] = value
     return out

@@ -21,6 +21,8 @@ import json
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
+from .markers import partial_marker_length
+
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
 
@@ -121,17 +123,6 @@ def stream_call(body: str, tools: Optional[List[Dict[str, Any]]] = None,
     return _stream_xml(text, tools, final)
 
 
-def _held(text: str, markers: List[str]) -> int:
-    """How many characters at the end of `text` could begin one of `markers`."""
-    hold = 0
-    for marker in markers:
-        for n in range(min(len(marker) - 1, len(text)), 0, -1):
-            if text.endswith(marker[:n]):
-                hold = max(hold, n)
-                break
-    return hold
-
-
 def _stream_xml(text: str, tools: Optional[List[Dict[str, Any]]], final: bool) -> Tuple[Optional[str], str]:
     head = _FUNCTION_HEAD.match(text)
     if head is None:
@@ -148,7 +139,7 @@ def _stream_xml(text: str, tools: Optional[List[Dict[str, Any]]], final: bool) -
     elif final:
         rest = rest.rstrip()  # parse_call strips the body
     else:  # the end may be the start of a marker: wait for the next text
-        rest = rest[: len(rest) - _held(rest, [_FUNCTION_END, _PARAMETER_END, _PARAMETER_OPEN])]
+        rest = rest[: len(rest) - partial_marker_length(rest, [_FUNCTION_END, _PARAMETER_END, _PARAMETER_OPEN])]
     items, partial = [], None
     for match in _PARAMETER.finditer(rest):
         key, raw = match.group(1).strip(), match.group(2)
