@@ -224,11 +224,13 @@ def check_equivalence(model, drafters, ks=(3, "auto"), max_tokens=120, seed=0):
                 assert stats.generated_tokens == len(spec)
                 assert sum(c["drafted"] for c in stats.sources.values()) == stats.draft_tokens
                 assert sum(c["accepted"] for c in stats.sources.values()) == stats.accepted_tokens
+                if k == "auto":
+                    continue  # its draft lengths follow timings: counted only for equivalence
                 for name, c in stats.sources.items():
                     totals[name, "drafted"] += c["drafted"]
                     totals[name, "accepted"] += c["accepted"]
     for name in {name for name, _ in totals}:
-        # Drafts were accepted and rejected: rollback ran at many depths.
+        # Drafts were accepted and rejected at a fixed k: rollback ran at many depths.
         assert 0 < totals[name, "accepted"] < totals[name, "drafted"], (name, totals)
     return totals
 
@@ -266,7 +268,9 @@ def test_greedy_equals_plain_gemma4_sliding_window(gemma):
 
 
 def test_greedy_equals_plain_mlx_lm_models(mlx_lm_target):
-    check_equivalence(mlx_lm_target, [NGramDrafter])
+    # Lookup on these repetitive tiny models is right at k=3; a deep k=8
+    # draft reaches past the repeats, so rejections happen too.
+    check_equivalence(mlx_lm_target, [NGramDrafter], ks=(3, 8, "auto"))
 
 
 def test_stops_inside_a_long_host_draft(qwen35):
