@@ -22,7 +22,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 import mlx_mtp
 from mlx_mtp.api import SpeculativeModel
-from mlx_mtp.bench import backend_description
+from mlx_mtp.bench import backend_description, median_interval
 from mlx_mtp.defaults import demo_model_path
 from mlx_mtp.drafters import MTPDrafter
 from mlx_mtp.engine import decode
@@ -33,6 +33,13 @@ def demo_tokenizer() -> TokenizerWrapper:
     from transformers import AutoTokenizer
 
     return TokenizerWrapper(AutoTokenizer.from_pretrained(str(demo_model_path("demo-qwen"))))
+
+
+def ratio_summary(ratios) -> str:
+    """The median paired ratio and its distribution-free interval."""
+    low, high, coverage = median_interval(ratios)
+    return (f"median {statistics.median(ratios):.3f} ({100 * coverage:.0f}% interval {low:.3f}-{high:.3f}, "
+            f"{len(ratios)} rounds)")
 
 
 def params_of(model) -> int:
@@ -64,11 +71,14 @@ def baseline(rounds: int, tokens: int) -> None:
 
     ours(), theirs()  # warm-up
     ratios, a, b = [], [], []
-    for _ in range(rounds):
-        x, y = ours(), theirs()
+    for r in range(rounds):  # odd rounds run mlx-lm first, so drift favours neither
+        if r % 2 == 0:
+            x, y = ours(), theirs()
+        else:
+            y, x = theirs(), ours()
         a.append(x), b.append(y), ratios.append(x / y)
-    print(f"  ours k=0 {statistics.mean(a):.1f} tok/s, mlx-lm stream_generate {statistics.mean(b):.1f} tok/s, "
-          f"ratio {statistics.mean(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}, {rounds} rounds)")
+    print(f"  ours k=0 {statistics.median(a):.1f} tok/s, mlx-lm stream_generate {statistics.median(b):.1f} tok/s, "
+          f"ours/mlx-lm {ratio_summary(ratios)}")
 
 
 def prefill(rounds: int, lengths) -> None:
@@ -86,12 +96,16 @@ def prefill(rounds: int, lengths) -> None:
 
         run(drafter), run(None)
         on, off = [], []
-        for _ in range(rounds):
-            on.append(run(drafter))
-            off.append(run(None))
+        for r in range(rounds):
+            if r % 2 == 0:
+                on.append(run(drafter))
+                off.append(run(None))
+            else:
+                off.append(run(None))
+                on.append(run(drafter))
         ratios = [x / y for x, y in zip(on, off)]
-        print(f"  {n} tokens: drafter on {statistics.mean(on):.0f} tok/s, off {statistics.mean(off):.0f} tok/s, "
-              f"on/off {statistics.mean(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+        print(f"  {n} tokens: drafter on {statistics.median(on):.0f} tok/s, off {statistics.median(off):.0f} tok/s, "
+              f"on/off {ratio_summary(ratios)}")
 
 
 def main() -> None:

@@ -4,7 +4,9 @@ For 1, 2, 4 and 8 concurrent streams, drafting off (k=0) against on (a
 fixed k and `auto`): aggregate tok/s (every stream's tokens over the wall
 time of the run), per-stream decode tok/s (mean over streams), requests/s
 and time to first token (median and 90th percentile over the streams, from
-the moment all of them arrive). Greedy, so every mode must give the same
+the moment all of them arrive); with `--rounds R`, medians over R
+interleaved runs. The closing lines give the issue's yardstick: per-stream
+speedup over drafting off at N streams, as a fraction of it at 1 stream. Greedy, so every mode must give the same
 tokens; a mismatch is printed loudly.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/serve_batching.py
@@ -84,6 +86,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,2,4,8")
     ap.add_argument("--prompt-tokens", type=int, default=0, help="prompt length per stream (0: 12 + 3i)")
     ap.add_argument("-k", "--num-draft", default="2,auto", help="drafting modes besides k=0")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run each concurrency's modes this many times (odd rounds in reverse order) and report "
+                    "medians: this machine's noise moves single runs by 20%%")
     ap.add_argument("--random-head", action="store_true",
                     help="a head that is almost never right: the case where auto must hold the k=0 floor")
     args = ap.parse_args()
@@ -107,22 +112,39 @@ def main() -> None:
     header = f"{'streams':>7} {'mode':>6} {'agg tok/s':>10} {'stream tok/s':>13} {'req/s':>7} " \
              f"{'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'accept':>7} {'tok/pass':>8} {'vs off':>7}"
     print(header)
+    speedups: Dict[int, Dict[object, float]] = {}  # streams -> mode -> per-stream speedup over off
     for n in concurrency:
         prompts = prompts_all[:n]
-        base = None
+        for mode in modes:  # warm-up at this batch size
+            run(generators[mode], [p[::-1] for p in prompts], args.tokens // 2)
+        results: Dict[object, List[dict]] = {mode: [] for mode in modes}
+        base_tokens = None
+        for r in range(args.rounds):
+            for mode in (modes if r % 2 == 0 else modes[::-1]):
+                figures, tokens = run(generators[mode], prompts, args.tokens)
+                results[mode].append(figures)
+                if mode == 0:
+                    base_tokens = tokens if base_tokens is None else base_tokens
+                elif base_tokens is not None and tokens != base_tokens:
+                    print(f"!! MISMATCH: k={mode} at {n} streams differs from k=0")
+        speedups[n] = {}
         for mode in modes:
-            run(generators[mode], [p[::-1] for p in prompts], args.tokens // 2)  # warm-up at this batch size
-            figures, tokens = run(generators[mode], prompts, args.tokens)
-            if base is None:
-                base, base_tokens = figures, tokens
-            elif tokens != base_tokens:
-                print(f"!! MISMATCH: k={mode} at {n} streams differs from k=0")
+            # Medians over the rounds; "vs off" pairs each round with its own k=0 run.
+            med = {key: statistics.median(f[key] for f in results[mode]) for key in results[mode][0]}
+            vs_off = statistics.median(f["aggregate"] / b["aggregate"] for f, b in zip(results[mode], results[0]))
+            speedups[n][mode] = statistics.median(
+                f["per_stream"] / b["per_stream"] for f, b in zip(results[mode], results[0]))
             label = "off" if mode == 0 else ("auto" if mode == "auto" else f"k={mode}")
-            print(f"{n:>7} {label:>6} {figures['aggregate']:>10.1f} {figures['per_stream']:>13.1f} "
-                  f"{figures['requests_per_s']:>7.2f} {figures['ttft_p50_ms']:>12.0f} {figures['ttft_p90_ms']:>12.0f} "
-                  f"{figures['acceptance']:>7.0%} "
-                  f"{figures['tokens_per_pass']:>8.2f} {figures['aggregate'] / base['aggregate']:>6.2f}x")
-
+            print(f"{n:>7} {label:>6} {med['aggregate']:>10.1f} {med['per_stream']:>13.1f} "
+                  f"{med['requests_per_s']:>7.2f} {med['ttft_p50_ms']:>12.0f} {med['ttft_p90_ms']:>12.0f} "
+                  f"{med['acceptance']:>7.0%} {med['tokens_per_pass']:>8.2f} {vs_off:>6.2f}x")
+    single = speedups.get(1)
+    if single:
+        for n in concurrency:
+            if n > 1:
+                line = ", ".join(f"{'auto' if m == 'auto' else f'k={m}'} {speedups[n][m]:.2f}x vs {single[m]:.2f}x "
+                                 f"({speedups[n][m] / single[m]:.0%})" for m in modes if m != 0)
+                print(f"per-stream speedup at {n} streams against 1 stream: {line}")
 
 if __name__ == "__main__":
     main()

@@ -9,12 +9,13 @@ a mismatch is reported loudly (and makes the command exit non-zero).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -47,6 +48,13 @@ def load_prompts(path: Optional[Path] = None) -> List[Dict[str, str]]:
     return prompts
 
 
+def tuned_blas(libraries: Sequence[str]) -> List[str]:
+    """The tuned BLAS libraries among those loaded that MLX can call.
+    NumPy's and SciPy's own OpenBLAS (libscipy_openblas64_...) export
+    suffixed symbols, so MLX never calls them: only a plain build counts."""
+    return sorted(lib for lib in libraries if ("openblas" in lib or "mkl" in lib) and "64_" not in lib)
+
+
 def backend_description() -> str:
     """Which regime the figures come from: Metal, CUDA, or CPU and its BLAS."""
     device = mx.default_device()
@@ -58,7 +66,7 @@ def backend_description() -> str:
     try:
         with open("/proc/self/maps") as f:
             libs = {line.split("/")[-1].strip() for line in f if "blas" in line.lower()}
-        tuned = sorted(lib for lib in libs if "openblas" in lib or "mkl" in lib)
+        tuned = tuned_blas(libs)
         if tuned:
             blas = f"{tuned[0]} (tuned BLAS: models bigger than the CPU caches are bandwidth-bound, like on a Mac GPU)"
     except OSError:
@@ -161,14 +169,47 @@ def _speedups(summary: ModeSummary, base: ModeSummary) -> List[float]:
     ]
 
 
-def _per_category(summary: ModeSummary, base: ModeSummary) -> Dict[str, float]:
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> Tuple[float, float, float]:
+    """(low, high, coverage): a distribution-free confidence interval for
+    the median of `values`, from their order statistics (the sign test), so
+    one disturbed run cannot move it and no noise model is assumed. With
+    few values the widest interval, [min, max], may cover less than
+    `confidence`; `coverage` says how much (5 values: 94%)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n < 2:
+        return (xs[0], xs[0], 0.0) if xs else (0.0, 0.0, 0.0)
+    def coverage(j: int) -> float:  # of [xs[j], xs[n-1-j]]: 1 - 2 P(Bin(n, 1/2) <= j)
+        return 1 - 2 * sum(math.comb(n, i) for i in range(j + 1)) / 2**n
+
+    j = 0  # the widest interval; narrow it while the coverage allows
+    while j + 1 <= n - 2 - j and coverage(j + 1) >= confidence:
+        j += 1
+    return xs[j], xs[n - 1 - j], coverage(j)
+
+
+def _paired_ratios(summary: ModeSummary, base: ModeSummary) -> Dict[str, List[float]]:
+    """Per category, the decode-speed ratios of the mode to the baseline on
+    the same prompt in the same round."""
     ratios: Dict[str, List[float]] = {}
     for r, b in zip(summary.runs, base.runs):
         if b.stats["decode_tokens_per_s"] > 0:
             ratios.setdefault(r.category, []).append(r.stats["decode_tokens_per_s"] / b.stats["decode_tokens_per_s"])
+    return ratios
+
+
+def _per_category(summary: ModeSummary, base: ModeSummary) -> Dict[str, float]:
     # The median of the paired (same prompt, same round) ratios: with
     # --rounds, one disturbed run cannot decide a category.
-    return {c: statistics.median(v) for c, v in ratios.items()}
+    return {c: statistics.median(v) for c, v in _paired_ratios(summary, base).items()}
+
+
+def _intervals(summary: ModeSummary, base: ModeSummary) -> Dict[str, List[float]]:
+    """Per category and for all categories pooled ("all"): [low, high,
+    coverage] of the median paired ratio (`median_interval`)."""
+    ratios = _paired_ratios(summary, base)
+    ratios["all"] = [x for v in list(ratios.values()) for x in v]
+    return {c: [round(x, 4) for x in median_interval(v)] for c, v in ratios.items()}
 
 
 def _summarize(summaries: Dict[Any, ModeSummary], costs: Dict[str, float],
@@ -196,9 +237,11 @@ def _summarize(summaries: Dict[Any, ModeSummary], costs: Dict[str, float],
         mean = statistics.mean(ratios) if ratios else 0.0
         spread = statistics.pstdev(ratios) if len(ratios) > 1 else 0.0
         tpp = summary.tokens_per_pass()
-        entry.update(speedup=mean, speedup_min=min(ratios, default=0), speedup_max=max(ratios, default=0),
+        entry.update(speedup=mean, speedup_median=statistics.median(ratios) if ratios else 0.0,
+                     speedup_min=min(ratios, default=0), speedup_max=max(ratios, default=0),
                      speedup_std=spread, tokens_per_pass=tpp, acceptance_per_depth=summary.acceptance_per_depth(),
-                     speedup_per_category=_per_category(summary, base), prefill_tokens_per_s=prefill,
+                     speedup_per_category=_per_category(summary, base),
+                     speedup_interval_per_category=_intervals(summary, base), prefill_tokens_per_s=prefill,
                      prefill_vs_baseline=prefill / base_prefill if base_prefill else 0.0)
         line = (f"   speedup {mean:.2f}x (min {min(ratios, default=0):.2f}, max {max(ratios, default=0):.2f}, "
                 f"sd {spread:.2f})  tokens/pass {tpp:.2f}  acceptance per depth {summary.acceptance_per_depth()}")
@@ -234,14 +277,35 @@ def drafter_table(modes: Dict[str, Any]) -> List[str]:
 
 def auto_verdict(modes: Dict[str, Any], floor: float = 0.97) -> Optional[str]:
     """The closing line: was `auto` >= floor x the baseline on every
-    category, and how close did it come to the best fixed k?"""
+    category, and how close did it come to the best fixed k?
+
+    "yes": every category's median paired ratio is >= floor. "NO": some
+    category's whole confidence interval lies below floor. Otherwise the
+    lowest category is below floor but its interval reaches it: the
+    machine's noise is larger than the margin, and the line says so rather
+    than guess (more --rounds narrow the intervals)."""
     if AUTO not in modes:
         return None
     auto = modes[AUTO]
-    worst_category, worst = min(auto["speedup_per_category"].items(), key=lambda kv: kv[1])
-    verdict = "yes" if worst >= floor else "NO"
-    line = (f"auto: >= {floor:.2f}x the baseline on every category: {verdict} "
-            f"(lowest {worst:.2f}x on {worst_category}); mean {auto['speedup']:.2f}x")
+    per_category = auto["speedup_per_category"]
+    intervals = auto.get("speedup_interval_per_category", {})
+    worst_category, worst = min(per_category.items(), key=lambda kv: kv[1])
+    below = [c for c, v in per_category.items() if c in intervals and intervals[c][1] < floor]
+    if worst >= floor:
+        verdict = "yes"
+    elif below or worst_category not in intervals or intervals[worst_category][2] == 0:
+        verdict = "NO"
+    else:
+        verdict = "within noise"
+    line = f"auto: >= {floor:.2f}x the baseline on every category: {verdict} (lowest {worst:.2f}x on {worst_category}"
+    if worst_category in intervals and intervals[worst_category][2] > 0:
+        lo, hi, cover = intervals[worst_category]
+        line += f", {100 * cover:.0f}% interval {lo:.2f}-{hi:.2f}"
+    line += ")"
+    if "all" in intervals and intervals["all"][2] > 0:
+        lo, hi, cover = intervals["all"]
+        line += f"; all categories {auto['speedup_median']:.2f}x ({100 * cover:.0f}% interval {lo:.2f}-{hi:.2f})"
+    line += f"; mean {auto['speedup']:.2f}x"
     fixed = {k: m for k, m in modes.items() if k not in ("0", AUTO)}
     if fixed:
         best_k, best = max(fixed.items(), key=lambda kv: kv[1]["speedup"])
