@@ -161,14 +161,6 @@ def long_prefix(tokenizer, prompts: List[Dict[str, str]], num_tokens: int) -> st
     return tokenizer.decode(ids[:num_tokens])
 
 
-def _speedups(summary: ModeSummary, base: ModeSummary) -> List[float]:
-    return [
-        r.stats["decode_tokens_per_s"] / b.stats["decode_tokens_per_s"]
-        for r, b in zip(summary.runs, base.runs)
-        if b.stats["decode_tokens_per_s"] > 0
-    ]
-
-
 def median_interval(values: Sequence[float], confidence: float = 0.95) -> Tuple[float, float, float]:
     """(low, high, coverage): a distribution-free confidence interval for
     the median of `values`, from their order statistics (the sign test), so
@@ -179,6 +171,7 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> Tuple[
     n = len(xs)
     if n < 2:
         return (xs[0], xs[0], 0.0) if xs else (0.0, 0.0, 0.0)
+
     def coverage(j: int) -> float:  # of [xs[j], xs[n-1-j]]: 1 - 2 P(Bin(n, 1/2) <= j)
         return 1 - 2 * sum(math.comb(n, i) for i in range(j + 1)) / 2**n
 
@@ -196,20 +189,6 @@ def _paired_ratios(summary: ModeSummary, base: ModeSummary) -> Dict[str, List[fl
         if b.stats["decode_tokens_per_s"] > 0:
             ratios.setdefault(r.category, []).append(r.stats["decode_tokens_per_s"] / b.stats["decode_tokens_per_s"])
     return ratios
-
-
-def _per_category(summary: ModeSummary, base: ModeSummary) -> Dict[str, float]:
-    # The median of the paired (same prompt, same round) ratios: with
-    # --rounds, one disturbed run cannot decide a category.
-    return {c: statistics.median(v) for c, v in _paired_ratios(summary, base).items()}
-
-
-def _intervals(summary: ModeSummary, base: ModeSummary) -> Dict[str, List[float]]:
-    """Per category and for all categories pooled ("all"): [low, high,
-    coverage] of the median paired ratio (`median_interval`)."""
-    ratios = _paired_ratios(summary, base)
-    ratios["all"] = [x for v in list(ratios.values()) for x in v]
-    return {c: [round(x, 4) for x in median_interval(v)] for c, v in ratios.items()}
 
 
 def _summarize(summaries: Dict[Any, ModeSummary], costs: Dict[str, float],
@@ -233,15 +212,20 @@ def _summarize(summaries: Dict[Any, ModeSummary], costs: Dict[str, float],
                  f"tok/s  prefill {prefill:.0f} tok/s")
             modes["0"] = entry
             continue
-        ratios = _speedups(summary, base)
+        # Paired ratios (same prompt, same round); per category their median,
+        # so with --rounds one disturbed run cannot decide a category.
+        paired = _paired_ratios(summary, base)
+        ratios = [x for v in paired.values() for x in v]
         mean = statistics.mean(ratios) if ratios else 0.0
         spread = statistics.pstdev(ratios) if len(ratios) > 1 else 0.0
         tpp = summary.tokens_per_pass()
         entry.update(speedup=mean, speedup_median=statistics.median(ratios) if ratios else 0.0,
                      speedup_min=min(ratios, default=0), speedup_max=max(ratios, default=0),
                      speedup_std=spread, tokens_per_pass=tpp, acceptance_per_depth=summary.acceptance_per_depth(),
-                     speedup_per_category=_per_category(summary, base),
-                     speedup_interval_per_category=_intervals(summary, base), prefill_tokens_per_s=prefill,
+                     speedup_per_category={c: statistics.median(v) for c, v in paired.items()},
+                     speedup_interval_per_category={c: [round(x, 4) for x in median_interval(v)]
+                                                    for c, v in {**paired, "all": ratios}.items()},
+                     prefill_tokens_per_s=prefill,
                      prefill_vs_baseline=prefill / base_prefill if base_prefill else 0.0)
         line = (f"   speedup {mean:.2f}x (min {min(ratios, default=0):.2f}, max {max(ratios, default=0):.2f}, "
                 f"sd {spread:.2f})  tokens/pass {tpp:.2f}  acceptance per depth {summary.acceptance_per_depth()}")
