@@ -424,11 +424,11 @@ def main(argv=None) -> None:
                    help="directory with demo-qwen's tokenizer.json + tokenizer_config.json to reuse")
     # target (--hidden, --intermediate, --layers, --head-dim, --seq, --batch, --lr above)
     p.add_argument("--full-every", type=int, default=2, help="every Nth layer (and the last) is full attention")
-    add_options(p, heads=4, kv_heads=2, global_head_dim=64, window=64, target_steps=300)
+    add_options(p, heads=4, kv_heads=2, global_head_dim=64, window=64, target_steps=1500)
     p.add_argument("--target-minutes", type=float, default=None, help="stop the target's training early")
     p.add_argument("--skip-target", action="store_true", help="reuse the target already saved in OUT")
     # assistant
-    add_options(p, a_hidden=128, a_intermediate=256, a_heads=4, a_seq=128, a_batch=8, assistant_steps=150, a_lr=3e-3)
+    add_options(p, a_hidden=128, a_intermediate=256, a_heads=4, a_seq=128, a_batch=8, assistant_steps=400, a_lr=3e-3)
     p.add_argument("--depth", type=int, default=3, help="draft steps unrolled in training")
     p.add_argument("--depth-weights", default="1,0.7,0.5,0.4")
     p.add_argument("--num-assistant-tokens", type=int, default=3, help="generation_config default draft length")
