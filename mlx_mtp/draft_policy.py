@@ -214,6 +214,12 @@ DEFAULT_TUNABLES: Dict[str, Any] = {
     # cycles nor one lucky probe can jump to a deep draft whose cost and
     # acceptance were never seen together. 0 disables.
     "growth_limit": 2,
+    # A new prompt (`new_sequence`) keeps the times but only this many
+    # pseudo-observations of the previous prompt's acceptance, and restarts
+    # the slow start: acceptance jumps between prompts (a repetitive answer,
+    # then prose), and a policy still sure of the last prompt would draft
+    # deep into a new one for a dozen cycles.
+    "sequence_carry": 3.0,
     # Decode plainly until T(0) has a retained measurement, for at most
     # this many cycles (plain cycles are the baseline, so they cost
     # nothing): the first decision then compares drafts against a measured
@@ -302,6 +308,7 @@ class DraftPolicy:
         self._refresh_every = int(cfg["refresh_every"])
         self._refresh_unmeasured = int(cfg["refresh_unmeasured"])
         self._growth_limit = int(cfg["growth_limit"])
+        self._carry = float(cfg["sequence_carry"])
         # A calibration (costs) already knows T(0)'s shape: no need to wait.
         self._plain_first = int(cfg["plain_first_cycles"]) if costs is None else 0
 
@@ -342,7 +349,7 @@ class DraftPolicy:
         for name in ("acceptance_decay", "idle_decay", "time_decay"):
             unit(name, lo_open=True)
         for name in ("prior_weight", "idle_floor", "depth_shrink", "margin",
-                     "default_step_growth"):
+                     "default_step_growth", "sequence_carry"):
             if float(cfg[name]) < 0.0:
                 raise ValueError(f"{name} must be >= 0")
         if float(cfg["prior_weight"]) <= 0.0:
@@ -409,6 +416,22 @@ class DraftPolicy:
                 self._age_while_parked()
         if isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0:
             self._observe_time(k, float(seconds))
+        self._recompute()
+
+    def new_sequence(self) -> None:
+        """A new prompt begins (the policy lives on the model, across
+        prompts): the acceptance evidence shrinks to `sequence_carry`
+        observations at depth 1 (deeper depths in proportion), so the new
+        text's first cycles outweigh the old; the cycle times, which belong
+        to the machine, are kept. The slow start begins again from
+        `probe_k` * `growth_limit`."""
+        if self.k_max and self._obs[0] > self._carry:
+            f = self._carry / self._obs[0]
+            for j in range(self.k_max):
+                self._acc[j] *= f
+                self._obs[j] *= f
+        if self._growth_limit:
+            self._last_drafted = min(self._last_drafted, max(self._probe_k, 1) * self._growth_limit)
         self._recompute()
 
     def observe_plain(self, cycles: int, seconds: float) -> None:
@@ -625,7 +648,7 @@ class SourcePolicies:
     that starts paying is picked up again. Plain cycles cost the same
     whichever policy chose them, so their times go to both.
 
-    `k_max`, `choose`, `update`, `observe_plain` and `reason` are those of a
+    `k_max`, `choose`, `update`, `observe_plain`, `new_sequence` and `reason` are those of a
     single policy (the engine drives this one like any other); `choose`,
     `update` and `reason` act on the source `select` picked.
     """
@@ -666,6 +689,11 @@ class SourcePolicies:
             other = self.model if self.active is self.lookup else self.lookup
             if hasattr(other, "observe_plain"):
                 other.observe_plain(1, seconds)
+
+    def new_sequence(self) -> None:
+        for policy in (self.lookup, self.model):
+            if hasattr(policy, "new_sequence"):
+                policy.new_sequence()
 
     def observe_plain(self, cycles: int, seconds: float) -> None:
         for policy in (self.lookup, self.model):

@@ -471,6 +471,8 @@ def decode(
     if policy is None or drafter is None or num_draft != AUTO:
         policy = _make_policy(num_draft, drafter, costs)
     k_max = policy.k_max
+    if hasattr(policy, "new_sequence"):  # a policy kept across prompts (draft_policy.py)
+        policy.new_sequence()
     stats = stats if stats is not None else Stats()
     stats.drafter = drafter.name if (drafter and num_draft) else "none"
     stats.num_draft = num_draft if drafter is not None else 0

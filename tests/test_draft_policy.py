@@ -509,3 +509,38 @@ def test_machine_id_is_a_nonempty_string():
     mid = machine_id()
     assert isinstance(mid, str) and "cpus=" in mid and "mlx=" in mid
     assert "|" not in calibration_key(mid, "m", "q").split("|", 1)[0]
+
+
+def test_a_new_prompt_outweighs_the_last_prompts_acceptance():
+    # A predictable answer (acceptance 0.95), then a prompt where drafting
+    # does not pay on this machine (0.3): told of the new prompt, the policy
+    # restarts its slow start and lets the new prompt's cycles decide fast,
+    # instead of drafting deep into it on the old prompt's evidence.
+    switch, cycles = 300, 340
+
+    def run(tell: bool):
+        policy = DraftPolicy(K_MAX, costs_of(CPU))
+        done = [0]
+
+        def update(k, n, seconds):
+            policy.update(k, n, seconds)
+            done[0] += 1
+            if tell and done[0] == switch:
+                acceptance, seconds = list(policy.acceptance_per_depth), policy.cycle_seconds(3)
+                policy.new_sequence()
+                # Nothing is forgotten at once: the times stay, and so do the
+                # acceptance estimates (deeper depths lean on the shallower
+                # one a little more with fewer observations).
+                assert policy.cycle_seconds(3) == seconds
+                assert policy.acceptance_per_depth[0] == pytest.approx(acceptance[0], abs=1e-9)
+                assert policy.acceptance_per_depth == pytest.approx(acceptance, abs=0.02)
+
+        acceptance = lambda c: [0.95 if c < switch else 0.3] * K_MAX  # noqa: E731
+        return simulate(policy.choose, update, acceptance, CPU, cycles)
+
+    told, untold = run(True), run(False)
+    assert untold.ks[switch - 1] == K_MAX and untold.ks[switch] == K_MAX
+    assert told.ks[switch] <= 2 * 2  # probe_k * growth_limit, grown once
+    assert sum(told.ks[switch:switch + 10]) < sum(untold.ks[switch:switch + 10])
+    assert told.rate(switch) > untold.rate(switch)
+    assert told.ks[:switch] == untold.ks[:switch]
