@@ -426,8 +426,7 @@ class DraftPolicy:
         observations at depth 1 (deeper depths in proportion), so the new
         text's first cycles outweigh the old; the cycle times, which belong
         to the machine, are kept. The slow start begins again from
-        `probe_k` * `growth_limit`, and a parked policy probes on the first
-        cycle."""
+        `probe_k` * `growth_limit`."""
         if self.k_max and self._obs[0] > self._carry:
             f = self._carry / self._obs[0]
             for j in range(self.k_max):
@@ -435,10 +434,6 @@ class DraftPolicy:
                 self._obs[j] *= f
         if self._growth_limit:
             self._last_drafted = min(self._last_drafted, max(self._probe_k, 1) * self._growth_limit)
-        # A new prompt is where acceptance changes: a parked policy probes
-        # on its first cycle instead of waiting out the spacing (at most one
-        # extra probe per prompt on top of the probe bound).
-        self._since_probe = max(self._since_probe, self._spacing - 1)
         self._recompute()
 
     def observe_plain(self, cycles: int, seconds: float) -> None:

@@ -566,21 +566,3 @@ def test_a_new_prompt_outweighs_the_last_prompts_acceptance():
     assert sum(told.ks[switch:switch + 10]) < sum(untold.ks[switch:switch + 10])
     assert told.rate(switch) > untold.rate(switch)
     assert told.ks[:switch] == untold.ks[:switch]
-
-
-def test_a_parked_policy_probes_at_the_start_of_a_new_prompt():
-    # Parked on drafts that never land, between probes: a new prompt may
-    # be predictable, so its first cycle probes (one probe per prompt on top
-    # of the spacing), and the spacing then runs as before.
-    policy = DraftPolicy(K_MAX, costs_of(CPU))
-    for _ in range(200):
-        k = policy.choose()
-        policy.update(k, 0, CPU(k))
-    while policy.choose() == 0:  # up to the next probe, and through it
-        policy.update(0, 0, CPU(0))
-    policy.update(policy.choose(), 0, CPU(1))
-    assert policy.parked and policy.choose() == 0 and policy.probe_spacing >= 24
-    policy.new_sequence()
-    assert policy.choose() == DEFAULT_TUNABLES["probe_k"]
-    policy.update(DEFAULT_TUNABLES["probe_k"], 0, CPU(1))
-    assert policy.choose() == 0
