@@ -240,12 +240,10 @@ class DraftPolicy:
           `prior_acceptance` worth `prior_weight` observations;
         * cycle seconds T(k): decaying per-k averages where k was observed;
           otherwise a least-squares line a + b*k through the observed
-          drafting k's (>= 2 of them; T(0) stays out, see `_fit_times`),
-          with one of them the smaller of the shape's increments and the
-          line from T(0), else the calibration's shape V(k+1) + k*D
-          (scaled to T(0), if measured), else the default shape
-          T(0)*(1 + 0.25k).  The first observation of each k is dropped
-          (warm-up) and later ones are clipped.
+          averages (>= 2 values of k), else the calibration's shape
+          V(k+1) + k*D (scaled to the one observed k, if any), else the
+          default shape T(0)*(1 + 0.25k).  The first observation of each k
+          is dropped (warm-up) and later ones are clipped.
 
     Decision: k* = argmax_k E(k)/T(k) with E the expected tokens per cycle;
     k > 0 is taken only if it beats k = 0 by `margin`, else the policy is
@@ -573,63 +571,37 @@ class DraftPolicy:
         return 1.0 + self._growth * k
 
     def _fit_times(self) -> None:
-        # Drafting cycles share a fixed cost a plain one does not have (the
-        # read that ends every drafting cycle stops the pipelining of plain
-        # steps; the accept step), so the line is fitted through the
-        # drafting k's alone: through T(0) and one probed k it would charge
-        # that fixed cost again for every extra draft token, and a policy
-        # that probes only k = 1 would never find that deep drafts pay.
         K = self.k_max
         t, n, mean = self._t, self._t_n, self._t_mean
-        drafting = [k for k in range(1, K + 1) if n[k]]
-        lo = min((mean[k] for k in range(K + 1) if n[k]), default=math.inf)
-        # Seconds per unit of the known (or default) shape.
-        if n[0]:
-            unit = mean[0] / self._shape(0)
-        elif drafting:
-            unit = mean[drafting[-1]] / self._shape(drafting[-1])
-        else:
-            unit = 1.0
-        if len(drafting) >= 2:
+        cnt, sk, sy, skk, sky, lo, only = 0, 0.0, 0.0, 0.0, 0.0, math.inf, -1
+        for k in range(K + 1):
+            if n[k]:
+                y = mean[k]
+                cnt += 1
+                sk += k
+                sy += y
+                skk += k * k
+                sky += k * y
+                lo = min(lo, y)
+                only = k
+        if cnt >= 2:
             # Least-squares line through the measured per-k averages; a
             # bigger k is never cheaper (b >= 0), and extrapolating below
             # the measured range must stay positive.
-            cnt = len(drafting)
-            kbar = sum(drafting) / cnt
-            ybar = sum(mean[k] for k in drafting) / cnt
-            var = sum(k * k for k in drafting) / cnt - kbar * kbar
-            cov = sum(k * mean[k] for k in drafting) / cnt - kbar * ybar
-            b = max(cov / var, 0.0) if var > 0 else 0.0
+            kbar, ybar = sk / cnt, sy / cnt
+            var = skk / cnt - kbar * kbar
+            b = max((sky / cnt - kbar * ybar) / var, 0.0) if var > 0 else 0.0
             a = ybar - b * kbar
-            for k in range(1, K + 1):
+            for k in range(K + 1):
                 t[k] = mean[k] if n[k] else max(a + b * k, 0.25 * lo)
-        elif drafting:
-            # One measured drafting k1. Deeper k: k1's time plus the smaller
-            # of the shape's increments and the line from T(0), which is
-            # exact where drafting has no fixed cost and an upper bound
-            # where it has; shallower k: between T(0) and T(k1).
-            k1 = drafting[0]
-            slope = max(mean[k1] - mean[0], 0.0) / k1 if n[0] else math.inf
-            for k in range(1, K + 1):
-                step = (self._shape(k) - self._shape(k1)) * unit
-                if k > k1:
-                    t[k] = mean[k1] + min(step, slope * (k - k1))
-                elif k < k1:
-                    t[k] = mean[0] + slope * k if n[0] else max(mean[k1] + step, 0.25 * lo)
-                else:
-                    t[k] = mean[k1]
+        elif cnt == 1:
+            # One measured k: scale the known (or default) shape to it.
+            scale = mean[only] / self._shape(only)
+            for k in range(K + 1):
+                t[k] = mean[k] if k == only else scale * self._shape(k)
         else:
-            for k in range(1, K + 1):
-                t[k] = self._shape(k) * unit
-        if n[0]:
-            t[0] = mean[0]
-        elif len(drafting) >= 2:
-            t[0] = max(min(a, t[drafting[0]]), 0.25 * lo)
-        elif drafting:
-            k1 = drafting[0]  # below it by the shape's step, never above it
-            t[0] = max(min(t[k1] - (self._shape(k1) - self._shape(0)) * unit, t[k1]), 0.25 * lo)
-        else:
-            t[0] = self._shape(0) * unit
+            for k in range(K + 1):
+                t[k] = self._shape(k)
 
     def _estimate_acceptance(self) -> None:
         acc, obs, a = self._acc, self._obs, self._a

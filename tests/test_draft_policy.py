@@ -401,28 +401,6 @@ def test_never_slower_than_plain_and_close_to_the_best_fixed_k(name, cost, a):
     assert run.rate() >= 0.95 * max(fixed)
 
 
-# Dispatch-bound, as the tiny demos on a CPU: plain steps are pipelined, and
-# every drafting cycle pays a fixed cost for the read that ends it (nearly
-# a plain step) before its per-token cost; only deep drafts pay.
-PIPELINED = lambda k: 1.0 if k == 0 else 1.9 + 0.3 * k  # noqa: E731
-
-
-@pytest.mark.parametrize("a", [0.5, 0.9])
-def test_a_fixed_cost_of_drafting_does_not_hide_deep_drafts_that_pay(a):
-    # Probing k = 1 alone sees a cycle dearer than two plain steps; a line
-    # through T(0) and T(1) would predict k = 6 at 8.5 steps and park for
-    # good, where it costs 3.7 and, at acceptance 0.9, pays 1.4x.
-    cycles = 3000
-    fixed = [fixed_rate(k, flat(a), PIPELINED, cycles) for k in range(K_MAX + 1)]
-    policy, run = run_policy(flat(a), PIPELINED, cycles)
-    assert run.rate() >= 0.97 * fixed[0]
-    assert run.rate() >= 0.95 * max(fixed)
-    if a == 0.9:
-        assert max(range(K_MAX + 1), key=lambda k: fixed[k]) >= 5 and not policy.parked
-    else:
-        assert max(fixed) == fixed[0] and policy.parked
-
-
 @pytest.mark.parametrize("name,cost", [("gpu", GPU), ("cpu", CPU)])
 def test_regime_switch_useless_then_good_is_picked_up(name, cost):
     switch, cycles = 1500, 3000
