@@ -198,16 +198,34 @@ DEFAULT_TUNABLES: Dict[str, Any] = {
     # Draft only if the best k beats plain decoding by this fraction: a
     # guard band against estimation noise (the promise is never slower).
     "margin": 0.05,
+    # A policy that is drafting parks when its best k is expected to beat
+    # plain decoding by less than this (hysteresis, <= margin): noise in
+    # the acceptance estimate alone would otherwise park it now and then
+    # where drafting pays, and a parked policy waits for probes.
+    "stay_margin": 0.02,
     # Probing while parked: draft length and the cost bound (see class doc).
     "probe_k": 1,
+    # After a probe whose first draft was accepted, the next probe drafts
+    # probe_k + 1: it times a second drafting k, which the cycle-time line
+    # needs (see `_fit_times`), and tests depth 2, so a deep draft is never
+    # judged on depth 1's acceptance alone. False: always probe_k.
+    "probe_deeper": True,
     "probe_budget": 0.01,
     "probe_min_spacing": 24,
     "probe_max_spacing": 256,
-    # While drafting, run one plain cycle every this many cycles to refresh
-    # T(0) (it drifts with context length); sooner (after
+    # While drafting, run `refresh_cycles` plain cycles now and then to
+    # refresh T(0): it drifts with context length and with the machine's
+    # load, and a stale T(0) could keep a policy drafting where it no longer
+    # pays. A run of several, because the first plain step after a draft
+    # is not pipelined. The interval is as short as `refresh_budget` of the
+    # expected gain allows (a marginal gain is checked often, a large one
+    # rarely), within [refresh_min, refresh_every]; sooner (after
     # `refresh_unmeasured` drafting cycles) while T(0) has no measurement.
-    # 0 disables.
+    # refresh_every = 0 disables.
     "refresh_every": 256,
+    "refresh_min": 16,
+    "refresh_cycles": 4,
+    "refresh_budget": 0.005,
     "refresh_unmeasured": 3,
     # Slow start: a cycle drafts at most this many times the k of the
     # newest drafting cycle (probe_k before any), so neither the first
@@ -240,17 +258,21 @@ class DraftPolicy:
           `prior_acceptance` worth `prior_weight` observations;
         * cycle seconds T(k): decaying per-k averages where k was observed;
           otherwise a least-squares line a + b*k through the observed
-          averages (>= 2 values of k), else the calibration's shape
-          V(k+1) + k*D (scaled to the one observed k, if any), else the
-          default shape T(0)*(1 + 0.25k).  The first observation of each k
-          is dropped (warm-up) and later ones are clipped.
+          drafting k's (>= 2 of them; drafting cycles share a fixed cost,
+          see `_fit_times`), else the line through T(0) and the one
+          observed drafting k, else the calibration's shape V(k+1) + k*D
+          (scaled to the one observed k, if any), else the default shape
+          T(0)*(1 + 0.25k).  The first observation of each k is dropped
+          (warm-up) and later ones are clipped.
 
     Decision: k* = argmax_k E(k)/T(k) with E the expected tokens per cycle;
     k > 0 is taken only if it beats k = 0 by `margin`, else the policy is
     *parked* at k = 0.
 
-    Probe bound.  While parked, one cycle in every S drafts `probe_k`
-    tokens, with
+    Probe bound.  While parked, one cycle in every S drafts k_p tokens:
+    k_p = `probe_k`, or probe_k + 1 after a probe whose first draft was
+    accepted (`probe_deeper`) where that probe's S is at most twice
+    `probe_max_spacing`; S is that of the probe it leads to:
 
         S = clamp(ceil((T(k_p) - T(0)) / (budget * T(0))),
                   probe_min_spacing, probe_max_spacing).
@@ -301,11 +323,20 @@ class DraftPolicy:
         self._clip = float(cfg["outlier_clip"])
         self._growth = float(cfg["default_step_growth"])
         self._margin = float(cfg["margin"])
+        self._stay_margin = min(float(cfg["stay_margin"]), self._margin)
         self._probe_k = min(int(cfg["probe_k"]), self.k_max)
+        self._deeper = bool(cfg["probe_deeper"]) and 0 < self._probe_k < self.k_max
+        self._next_probe = self._probe_k
+        self._probe_hit = False    # the newest probe's first draft was accepted
         self._budget = float(cfg["probe_budget"])
         self._min_spacing = int(cfg["probe_min_spacing"])
         self._max_spacing = int(cfg["probe_max_spacing"])
         self._refresh_every = int(cfg["refresh_every"])
+        self._refresh_min = min(int(cfg["refresh_min"]), self._refresh_every)
+        self._refresh_cycles = max(int(cfg["refresh_cycles"]), 1)
+        self._refresh_budget = float(cfg["refresh_budget"])
+        self._refresh_interval = self._refresh_every
+        self._refresh_left = 0     # plain cycles left in the current refresh run
         self._refresh_unmeasured = int(cfg["refresh_unmeasured"])
         self._growth_limit = int(cfg["growth_limit"])
         self._carry = float(cfg["sequence_carry"])
@@ -348,7 +379,7 @@ class DraftPolicy:
         unit("prior_acceptance")
         for name in ("acceptance_decay", "idle_decay", "time_decay"):
             unit(name, lo_open=True)
-        for name in ("prior_weight", "idle_floor", "depth_shrink", "margin",
+        for name in ("prior_weight", "idle_floor", "depth_shrink", "margin", "stay_margin",
                      "default_step_growth", "sequence_carry"):
             if float(cfg[name]) < 0.0:
                 raise ValueError(f"{name} must be >= 0")
@@ -356,13 +387,15 @@ class DraftPolicy:
             raise ValueError("prior_weight must be > 0")
         if float(cfg["outlier_clip"]) < 1.0:
             raise ValueError("outlier_clip must be >= 1")
-        if not 0.0 < float(cfg["probe_budget"]) < 1.0:
-            raise ValueError("probe_budget must be in (0, 1)")
+        for name in ("probe_budget", "refresh_budget"):
+            if not 0.0 < float(cfg[name]) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1)")
         if int(cfg["probe_k"]) < 1:
             raise ValueError("probe_k must be >= 1")
         if not 1 <= int(cfg["probe_min_spacing"]) <= int(cfg["probe_max_spacing"]):
             raise ValueError("need 1 <= probe_min_spacing <= probe_max_spacing")
-        for name in ("warmup_skip", "refresh_every", "refresh_unmeasured", "growth_limit",
+        for name in ("warmup_skip", "refresh_every", "refresh_min", "refresh_cycles",
+                     "refresh_unmeasured", "growth_limit",
                      "plain_first_cycles"):
             if int(cfg[name]) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -374,11 +407,11 @@ class DraftPolicy:
         if self._cycles < self._plain_first and self._t_n[0] == 0 and not self._last_drafted:
             return 0  # no plain step measured yet (see plain_first_cycles)
         if self._best > 0:
-            if self._refresh_due():
+            if self._refresh_left or self._refresh_due():
                 return 0
             return self._slow_start(self._best)
         if self._probe_k > 0 and self._since_probe >= self._spacing - 1:
-            return self._probe_k
+            return self._next_probe
         return 0
 
     def _slow_start(self, k: int) -> int:
@@ -405,11 +438,18 @@ class DraftPolicy:
         self._hist[k] = self._hist.get(k, 0) + 1
 
         if k > 0:
+            if self._best == 0:
+                self._probe_hit = accepted > 0
             self._observe_acceptance(k, accepted)
             self._last_drafted = k
             self._since_probe = 0
             self._since_plain += 1
+            self._refresh_left = 0
         else:
+            if self._refresh_left:
+                self._refresh_left -= 1
+            elif self._best > 0 and self._since_plain and self._t_n[0]:
+                self._refresh_left = self._refresh_cycles - 1  # a refresh run begins
             self._since_plain = 0
             if self._best == 0:
                 self._since_probe += 1
@@ -493,10 +533,9 @@ class DraftPolicy:
         if self.k_max == 0:
             return "parked: k_max is 0"
         a1 = self._a[0]
-        kp = self._probe_k
-        ratio = self._t[kp] / self._t[0]
+        ratio = self._t[self._probe_k] / self._t[0]
         return (f"parked: drafts accepted {a1:.0%}, a verify costs {ratio:.1f} steps; "
-                f"probing k={kp} every {self._spacing} cycles")
+                f"probing k={self._next_probe} every {self._spacing} cycles")
 
     def __repr__(self) -> str:
         a = ", ".join(f"{x:.2f}" for x in self._a)
@@ -516,7 +555,7 @@ class DraftPolicy:
             if self._t_seen[0] > 0:
                 limit = 1
             return self._since_plain >= max(limit, 1)
-        return self._since_plain >= self._refresh_every
+        return self._since_plain >= self._refresh_interval
 
     def _observe_acceptance(self, k: int, accepted: int) -> None:
         # Age every depth, then add this cycle: depths 1..accepted accepted,
@@ -571,31 +610,45 @@ class DraftPolicy:
         return 1.0 + self._growth * k
 
     def _fit_times(self) -> None:
+        # Every drafting cycle pays costs a plain one does not (the read
+        # that ends it stops the pipelining of plain steps; the accept
+        # step), so T(k) for k >= 1 is a fixed cost plus a cost per draft
+        # token. A line through T(0) would charge that fixed cost again for
+        # every extra token (in the tiny regime T(1) is over two plain
+        # steps, while each further token adds a fraction of one), so the
+        # line is fitted through the drafting k's alone once two of them are
+        # measured. With one drafting k the line from T(0) stays: an upper
+        # bound on deeper drafts, which keeps the policy from drafting deep
+        # on a guess; the deep probes measure the second k.
         K = self.k_max
         t, n, mean = self._t, self._t_n, self._t_mean
-        cnt, sk, sy, skk, sky, lo, only = 0, 0.0, 0.0, 0.0, 0.0, math.inf, -1
-        for k in range(K + 1):
-            if n[k]:
-                y = mean[k]
-                cnt += 1
-                sk += k
-                sy += y
-                skk += k * k
-                sky += k * y
-                lo = min(lo, y)
-                only = k
-        if cnt >= 2:
-            # Least-squares line through the measured per-k averages; a
-            # bigger k is never cheaper (b >= 0), and extrapolating below
-            # the measured range must stay positive.
-            kbar, ybar = sk / cnt, sy / cnt
-            var = skk / cnt - kbar * kbar
-            b = max((sky / cnt - kbar * ybar) / var, 0.0) if var > 0 else 0.0
+        drafting = [k for k in range(1, K + 1) if n[k]]
+        lo = min((mean[k] for k in range(K + 1) if n[k]), default=math.inf)
+        if len(drafting) >= 2:
+            cnt = len(drafting)
+            kbar = sum(drafting) / cnt
+            ybar = sum(mean[k] for k in drafting) / cnt
+            var = sum(k * k for k in drafting) / cnt - kbar * kbar
+            cov = sum(k * mean[k] for k in drafting) / cnt - kbar * ybar
+            # A bigger k is never cheaper (b >= 0); below the measured
+            # range the line must stay positive.
+            b = max(cov / var, 0.0) if var > 0 else 0.0
             a = ybar - b * kbar
-            for k in range(K + 1):
+            for k in range(1, K + 1):
                 t[k] = mean[k] if n[k] else max(a + b * k, 0.25 * lo)
-        elif cnt == 1:
+            # T(0) unmeasured: the line's intercept, never above T(1).
+            t[0] = mean[0] if n[0] else max(min(a, t[1]), 0.25 * lo)
+            return
+        measured = [k for k in range(K + 1) if n[k]]
+        if len(measured) == 2:
+            # T(0) and one drafting k: the line through both.
+            k1 = measured[1]
+            b = max(mean[k1] - mean[0], 0.0) / k1
+            for k in range(K + 1):
+                t[k] = mean[k] if n[k] else max(mean[0] + b * k, 0.25 * lo)
+        elif measured:
             # One measured k: scale the known (or default) shape to it.
+            only = measured[0]
             scale = mean[only] / self._shape(only)
             for k in range(K + 1):
                 t[k] = mean[k] if k == only else scale * self._shape(k)
@@ -622,13 +675,42 @@ class DraftPolicy:
         self._fit_times()
         t = self._t
         k = _argmax_rate(self._a, t.__getitem__, self.k_max, self._rates)
-        if k > 0 and self._rates[k] <= self._rates[0] * (1.0 + self._margin):
+        # Hysteresis: the margin guards the step from parked to drafting;
+        # a policy already drafting keeps on while it is expected to beat
+        # plain decoding at all (`stay_margin`).
+        margin = self._margin if self._best == 0 else self._stay_margin
+        if k > 0 and self._rates[k] <= self._rates[0] * (1.0 + margin):
             k = 0
         self._best = k
+        if k > 0 and self._refresh_every:
+            # A refresh run of c plain cycles loses about c*g/(1+g) plain
+            # steps against drafting at gain g, over R cycles of E(k)/(1+g)
+            # plain steps each: R = c*g / (budget * E(k)) keeps the loss
+            # within the budget.
+            gain = self._rates[k] / self._rates[0] - 1.0
+            tokens = self._rates[k] * t[k]
+            r = math.ceil(self._refresh_cycles * max(gain, 0.0) / (self._refresh_budget * tokens))
+            self._refresh_interval = min(max(r, self._refresh_min), self._refresh_every)
         if k == 0 and self._probe_k > 0:
-            overhead = max(t[self._probe_k] - t[0], 0.0)
-            s = math.ceil(overhead / (self._budget * t[0]) - 1e-9)
+            s = self._spacing_for(self._probe_k)
+            self._next_probe = self._probe_k
             self._spacing = min(max(s, self._min_spacing), self._max_spacing)
+            # One deeper after a probe whose first draft was accepted: only
+            # then can a deeper draft pay.
+            if self._deeper and self._probe_hit:
+                # A deep probe may wait up to twice the cap, so that its
+                # own spacing keeps the bound (its time is estimated from
+                # the line through T(0), an upper bound, until measured).
+                s = self._spacing_for(self._probe_k + 1)
+                if s <= 2 * self._max_spacing:
+                    self._next_probe = self._probe_k + 1
+                    self._spacing = max(s, self._spacing)
+
+    def _spacing_for(self, k: int) -> int:
+        # The fewest cycles per probe of k within the budget (see class doc).
+        t = self._t
+        overhead = max(t[k] - t[0], 0.0)
+        return math.ceil(overhead / (self._budget * t[0]) - 1e-9)
 
 
 # ---------------------------------------------------------------------------
