@@ -4,9 +4,10 @@ Continuous batching of up to `max_batch` rows. One `step()`:
   1. admits queued requests while a slot is free (a request whose prompt
      extends a finished row's tokens starts from that row's saved cache);
   2. runs one prefill chunk (up to `prefill_chunk` tokens, spread over the
-     joining requests oldest first; chunks of about the same length share
-     one padded target pass), queued without a sync of its own, so the
-     running rows get a cycle between any two chunks of a long prompt;
+     joining requests, short rests of prompts first within half of it, then
+     oldest first; chunks of about the same length share one padded target
+     pass), queued without a sync of its own, so the running rows get a
+     cycle between any two chunks of a long prompt;
   3. runs ONE draft/verify cycle over all decoding rows: every row drafts
      with its own drafter state, the target verifies all rows in one
      batched forward pass, each row accepts its own prefix, and one host
@@ -357,12 +358,12 @@ class BatchGenerator:
 
     def _prefill_chunks(self) -> List[Tuple[_Row, List[mx.array]]]:
         """This step's prefill: up to `prefill_chunk` prompt tokens, spread
-        over the joining rows oldest first, so many short prompts start
+        over the joining rows (`_prefill_order`), so many short prompts start
         together and a long one takes several steps (the running rows get a
         cycle after each). Chunks of about the same length run as one pass
         (`_share_passes`). Returns per row the arrays to evaluate."""
         budget, chunks = self.prefill_chunk, []
-        for row in self._joining:
+        for row in self._prefill_order():
             if budget <= 0:
                 break
             size = min(budget, len(row.prompt) - row.begin)
@@ -372,6 +373,23 @@ class BatchGenerator:
         for group in _share_passes(chunks):
             out += self._prefill_pass(group)
         return out
+
+    def _prefill_order(self) -> List[_Row]:
+        """The joining rows in the order the step's budget serves them.
+        Rows whose rest of the prompt is short (at most a quarter of the
+        budget) go first, as long as they take at most half of it: a short
+        prompt then starts at once instead of waiting for the chunks of a
+        long one that came before it (its time to first token), while the
+        long one still gets at least half of every step. The rest, and the
+        short rows beyond that half, go oldest first."""
+        short_limit, share = self.prefill_chunk // 4, self.prefill_chunk // 2
+        first: List[_Row] = []
+        for row in self._joining:
+            rest = len(row.prompt) - row.begin
+            if rest <= short_limit and rest <= share:
+                first.append(row)
+                share -= rest
+        return first + [row for row in self._joining if row not in first]
 
     def _prefill_pass(self, group: List[Tuple[_Row, int]]) -> List[Tuple[_Row, List[mx.array]]]:
         """One target pass over the next `size` prompt tokens of each row in

@@ -311,6 +311,43 @@ def test_long_prompt_prefills_in_chunks_while_a_row_decodes(qwen):
     check_lossless(qwen, reqs, {i: (tokens[i], final[i]) for i in (0, 1)}, k=3, every_row_rejects=False)
 
 
+def test_a_short_prompt_does_not_wait_for_a_long_ones_chunks(qwen):
+    """A short prompt that arrives while a long one pre-fills starts in the
+    step it is admitted (short rests go first, within half the budget); the
+    long one keeps at least half of every step; both equal plain decoding."""
+    chunk = 16
+    long_prompt = [(7 * i) % 90 + 5 for i in range(6 * chunk + 3)]
+    short_prompt = QWEN_PROMPTS[0][: chunk // 4]
+    reqs = [dict(prompt=long_prompt, max_tokens=12), dict(prompt=short_prompt, max_tokens=12)]
+    gen = BatchGenerator(qwen, max_batch=4, num_draft=3, prefill_chunk=chunk)
+    ids = {gen.add(long_prompt, GREEDY, 12, ()): 0}
+    tokens: Dict[int, List[int]] = {0: [], 1: []}
+    final: Dict[int, RowEvent] = {}
+    first_step: Dict[int, int] = {}
+    long_progress: List[int] = []
+    step = 0
+    while gen.has_work():
+        if step == 1:
+            ids[gen.add(short_prompt, GREEDY, 12, ())] = 1
+        before = next((r.begin for r in gen._joining if ids.get(r.row_id) == 0), None)
+        events = gen.step()
+        after = next((r.begin for r in gen._joining if ids.get(r.row_id) == 0), len(long_prompt))
+        if before is not None:
+            long_progress.append(after - before)
+        for e in events:
+            i = ids[e.row_id]
+            if e.tokens and i not in first_step:
+                first_step[i] = step
+            tokens[i].extend(e.tokens)
+            if e.finish_reason is not None:
+                final[i] = e
+        step += 1
+    assert first_step[1] == 1  # admitted and started in the same step
+    assert first_step[0] > first_step[1]  # the long one was still pre-filling
+    assert all(n >= chunk // 2 for n in long_progress[:-1]), long_progress
+    check_lossless(qwen, reqs, {i: (tokens[i], final[i]) for i in (0, 1)}, k=3, every_row_rejects=False)
+
+
 @pytest.mark.parametrize("which", ["qwen", "gemma"])
 def test_joining_rows_share_padded_prefill_passes(qwen, which, monkeypatch):
     """Rows joining together pre-fill in one target pass: shorter chunks are
