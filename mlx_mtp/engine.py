@@ -657,6 +657,17 @@ def decode(
             queued = build_cycle(packed[-1:], 0, cache_tokens[-params.repetition_context_size :] + [last])
             mx.async_eval(queued[0])
             observed = True
+        elif planned and feed is not None and feed.pending:
+            # The next cycle drafts after a parked stretch: the drafter's
+            # catch-up is queued now, behind this plain step, so its cost
+            # lands in the run of plain cycles (once per stretch) and not in
+            # the drafting cycle's time, which the policy reads as what a
+            # cycle drafting k costs (in the dispatch-bound regime a
+            # catch-up pass costs about a plain step, whatever its length).
+            feed.observe(packed[-1:], hidden, batch=True)
+            feed.flush()
+            mx.async_eval(packed, *[x for x in drafter.lazy_state() if x is not None])
+            observed = True
         else:
             observed = False
         out = packed.tolist()  # the one host sync of the cycle

@@ -148,6 +148,43 @@ def test_catch_up_leaves_the_head_as_if_it_had_followed(qwen):
     assert stats.accepted_per_position[0] > 0.3 * stats.drafted_per_position[0]
 
 
+def test_catch_up_runs_in_the_last_plain_cycle_not_in_the_drafting_one(qwen):
+    """The policy reads a drafting cycle's time as the cost of drafting k;
+    the parked drafter's catch-up pass is queued in the plain cycle before
+    it instead (its cost lands in the plain run, once per stretch)."""
+    prompt = [5, 17, 33, 2, 9]
+    zeros = CATCH_UP_BATCH // 2 + 3  # a catch-up still pending when drafting resumes
+    log = []
+
+    class ParkThenDraft(ScriptedPolicy):
+        def __init__(self):
+            super().__init__(3)
+            self.script = [3] * 3 + [0] * zeros + [3] * 2000
+
+        def update(self, k, accepted, seconds):
+            log.append(("update", k))
+            super().update(k, accepted, seconds)
+
+    drafter = MTPDrafter(qwen)
+    real_observe = drafter.observe
+
+    def observe(next_tokens, hidden):
+        log.append(("observe", hidden.shape[1]))
+        real_observe(next_tokens, hidden)
+
+    drafter.observe = observe
+    spec, _ = tokens_of(qwen, prompt, drafter, num_draft="auto", policy=ParkThenDraft(), max_tokens=60)
+    assert spec == tokens_of(qwen, prompt, num_draft=0, max_tokens=60)[0]
+    updates = [i for i, e in enumerate(log) if e[0] == "update"]
+    resumed = next(j for j in range(1, len(updates)) if log[updates[j]] == ("update", 3)
+                   and log[updates[j - 1]] == ("update", 0))
+    last_plain, drafting = updates[resumed - 1], updates[resumed]
+    catch_up = [e for e in log[updates[resumed - 2] + 1 : last_plain] if e[0] == "observe"]
+    assert catch_up and catch_up[0][1] >= zeros - 1  # the stretch, in one pass
+    assert all(n <= 3 + 1 for kind, n in log[last_plain + 1 : drafting] if kind == "observe")
+    assert drafter.cache[0].offset == len(prompt) + len(spec) - 1
+
+
 def test_prompt_cache_across_turns_with_auto(qwen):
     drafter = MTPDrafter(qwen)
     pc = PromptCache()
