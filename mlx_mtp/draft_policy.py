@@ -266,8 +266,8 @@ class DraftPolicy:
           (warm-up) and later ones are clipped.
 
     Decision: k* = argmax_k E(k)/T(k) with E the expected tokens per cycle;
-    k > 0 is taken only if it beats k = 0 by `margin`, else the policy is
-    *parked* at k = 0.
+    k > 0 is taken only if it beats k = 0 by `margin` (by `stay_margin`
+    while already drafting), else the policy is *parked* at k = 0.
 
     Probe bound.  While parked, one cycle in every S drafts k_p tokens:
     k_p = `probe_k`, or probe_k + 1 after a probe whose first draft was
