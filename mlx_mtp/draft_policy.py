@@ -677,7 +677,7 @@ class DraftPolicy:
         k = _argmax_rate(self._a, t.__getitem__, self.k_max, self._rates)
         # Hysteresis: the margin guards the step from parked to drafting;
         # a policy already drafting keeps on while it is expected to beat
-        # plain decoding at all (`stay_margin`).
+        # plain decoding by the smaller `stay_margin`.
         margin = self._margin if self._best == 0 else self._stay_margin
         if k > 0 and self._rates[k] <= self._rates[0] * (1.0 + margin):
             k = 0
