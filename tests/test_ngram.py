@@ -24,7 +24,7 @@ import pytest
 
 import tiny
 from mlx_mtp import SamplingParams, Stats, decode
-from mlx_mtp.draft_policy import DraftPolicy, SourcePolicies
+from mlx_mtp.draft_policy import DraftPolicy, SourcePolicies, StepCosts
 from mlx_mtp.drafters import LookupThenModelDrafter, MTPDrafter, NGramDrafter
 from mlx_mtp.drafters.gemma4_assistant import Gemma4AssistantDrafter
 from mlx_mtp.drafters.ngram import N_MAX, N_MIN, UNDO_DEPTH, NGramIndex
@@ -366,7 +366,17 @@ def test_a_parked_lookup_recovers_while_the_model_policy_pipelines(qwen35):
     it probes, sees its drafts accepted and drafts again."""
     from mlx_mtp.engine import _FixedDraftLength
 
-    lookup = DraftPolicy(10)
+    class TimingBlind(DraftPolicy):
+        # Decides from acceptance alone, on a fixed cheap-verify cost
+        # shape: measured times would make the probe spacing, and whether
+        # the lookup un-parks at all, depend on how loaded the machine is.
+        def update(self, k, accepted, seconds):
+            super().update(k, accepted, None)
+
+        def observe_plain(self, cycles, seconds):
+            pass
+
+    lookup = TimingBlind(10, costs=StepCosts(verify={1: 1.0, 11: 1.5}))
     for _ in range(20):
         lookup.update(4, 0, None)
     assert lookup.parked
