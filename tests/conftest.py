@@ -24,6 +24,23 @@ from mlx_mtp.testing import (  # noqa: E402,F401
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """Every test (and every CLI subprocess it starts) reads and writes the
+    calibration cache in a fresh directory: a `mlx-mtp tune` run on this
+    machine would otherwise warm-start the adaptive policy differently from
+    a clean CI machine, and no test may write into the user's cache."""
+    import os
+
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen3.5 model directory with its MTP head."""
